@@ -1,0 +1,85 @@
+//! What can go wrong talking BOSH, split by what the caller must do about it: a
+//! [`TransportError`] is transient (the same request is resent, byte-identical, same rid); a
+//! [`BoshError`] is terminal (the upstream session is gone or was never established).
+
+use crate::xmpp::sasl::SaslError;
+
+use super::body::BodyError;
+
+/// A failed HTTP round trip that may succeed when repeated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// No answer within `wait` plus the margin.
+    #[error("no response within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The connection failed or was reset before a full response arrived.
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// HTTP 5xx.
+    #[error("HTTP {0}")]
+    ServerError(u16),
+    /// A response that is not a usable BOSH body (e.g. cut short by a proxy).
+    #[error("{0}")]
+    BadBody(#[from] BodyError),
+}
+
+/// The upstream session cannot continue (or could not be established).
+#[derive(Debug, thiserror::Error)]
+pub enum BoshError {
+    /// The connection manager answered `type='terminate'`. `condition` is absent when the server
+    /// ended the session without one (Prosody's admin `c2s:close`). `stream_error` is the
+    /// condition of a `<stream:error/>` inside a `remote-stream-error` body (e.g. `conflict`).
+    #[error("session terminated by the server (condition: {}{})",
+        condition.as_deref().unwrap_or("none"),
+        stream_error.as_deref().map(|s| format!(", stream error: {s}")).unwrap_or_default())]
+    Terminated {
+        /// The `condition` attribute.
+        condition: Option<String>,
+        /// The stream error condition carried inside, if any.
+        stream_error: Option<String>,
+    },
+    /// HTTP 4xx, or another status that is not success and not worth repeating.
+    #[error("connection manager answered HTTP {0}")]
+    HttpStatus(u16),
+    /// A request kept failing in transport.
+    #[error("request failed {attempts} times, giving up: {last}")]
+    RetriesExhausted {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// The last failure.
+        #[source]
+        last: TransportError,
+    },
+    /// The server refused the credentials (`<failure/>` with this condition).
+    #[error("authentication failed: {condition}")]
+    AuthFailed {
+        /// The SASL failure condition, e.g. `not-authorized`.
+        condition: String,
+    },
+    /// The server's SASL messages did not check out (e.g. a wrong SCRAM server signature).
+    #[error("SASL exchange failed: {0}")]
+    Sasl(#[from] SaslError),
+    /// None of the mechanisms we allow was offered.
+    #[error("no usable SASL mechanism offered (offered: {0})")]
+    NoMechanism(String),
+    /// Resource binding or the legacy session request was refused.
+    #[error("{step} refused: {condition}")]
+    Refused {
+        /// `bind` or `session`.
+        step: &'static str,
+        /// The stanza error condition.
+        condition: String,
+    },
+    /// The server said something that makes no sense at this point.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Logging in took longer than allowed.
+    #[error("login did not complete within {0:?}")]
+    LoginTimeout(std::time::Duration),
+    /// The configured URL or HTTP client could not be set up.
+    #[error("invalid upstream setup: {0}")]
+    Setup(String),
+    /// The session's task has ended; nothing more can be sent.
+    #[error("session already closed")]
+    Closed,
+}

@@ -1,0 +1,529 @@
+//! The task that owns an established BOSH session: rid counter, requests in flight, retries and
+//! response ordering. Callers talk to it through a [`BoshHandle`] and hear from it through
+//! [`BoshEvent`]s.
+//!
+//! Invariants kept here (XEP-0124 §§ 9–14):
+//! - at least one request is always in flight while the session lives, so the server can push
+//!   to us at any time and its inactivity timer never runs out;
+//! - never more than `requests` requests in flight (a final terminate excepted, as allowed);
+//! - each new request carries the previous rid + 1; a failed one is resent byte-identical with
+//!   its own rid;
+//! - responses are handed on in rid order, whatever order they arrive in;
+//! - stanzas queued while every slot is busy go together in the next request.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::body::{self, Body, BodyType, SessionParams};
+use super::error::{BoshError, TransportError};
+use super::transport::{PostError, Transport};
+use super::{BoshConfig, Timeouts};
+use crate::xmpp::{Element, Jid, ns};
+
+/// Stanzas the scheduler holds before it stops taking more from its handles (backpressure).
+const OUTBOX_CAP: usize = 4096;
+/// Capacity of the command and event channels.
+const CHANNEL_CAP: usize = 256;
+/// An empty request answered empty faster than this was not held; the next one waits `polling`.
+const MIN_HOLD: Duration = Duration::from_millis(200);
+
+/// A live upstream session as its owner sees it.
+#[derive(Debug)]
+pub struct BoshSession {
+    /// For sending; cheap to clone.
+    pub handle: BoshHandle,
+    /// Everything that happens to the session, ending with [`BoshEvent::Ended`].
+    pub events: mpsc::Receiver<BoshEvent>,
+    /// The bound full JID.
+    pub jid: Jid,
+    /// The session parameters (assumed ones for an attached session).
+    pub params: SessionParams,
+    /// Stream features after the restart (absent for an attached session).
+    pub features: Option<Element>,
+}
+
+/// What happens to a session.
+#[derive(Debug)]
+pub enum BoshEvent {
+    /// A stanza from the server, in the order the server sent it.
+    Stanza(Element),
+    /// A request failed in transport and will be resent.
+    Retrying {
+        /// The request's rid.
+        rid: u64,
+        /// Which resend this will be (1 = first).
+        attempt: u32,
+        /// What went wrong.
+        error: TransportError,
+    },
+    /// A response arrived again after failures.
+    Recovered,
+    /// The session is over: `Ok` after a terminate we asked for, the terminal error otherwise.
+    /// Always the last event.
+    Ended(Result<(), BoshError>),
+}
+
+/// Counters and state of a session, for tests, metrics and the status page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The rid the next new request will carry.
+    pub next_rid: u64,
+    /// Requests sent and not yet answered.
+    pub in_flight: usize,
+    /// The most requests ever in flight at once.
+    pub max_in_flight: usize,
+    /// New requests sent (resends not counted).
+    pub requests: u64,
+    /// Resends.
+    pub retries: u64,
+    /// Stanzas sent upstream.
+    pub stanzas_out: u64,
+    /// Stanzas received.
+    pub stanzas_in: u64,
+    /// Stanzas queued, waiting for a free request slot.
+    pub queued: usize,
+}
+
+enum Command {
+    Send(Vec<Element>),
+    Stats(oneshot::Sender<Stats>),
+    Terminate {
+        farewell: Vec<Element>,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Sends to a session. The session ends (with a clean terminate) when every handle is dropped.
+///
+/// Backpressure: `send` waits while the session has [`OUTBOX_CAP`] stanzas queued. An owner that
+/// also reads the session's events must not block on `send` while it is not reading them.
+#[derive(Clone, Debug)]
+pub struct BoshHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl BoshHandle {
+    /// Queues one stanza for the next request.
+    pub async fn send(&self, stanza: Element) -> Result<(), BoshError> {
+        self.send_all(vec![stanza]).await
+    }
+
+    /// Queues stanzas, in order, for the next request.
+    pub async fn send_all(&self, stanzas: Vec<Element>) -> Result<(), BoshError> {
+        self.tx
+            .send(Command::Send(stanzas))
+            .await
+            .map_err(|_| BoshError::Closed)
+    }
+
+    /// The session's counters. Commands are handled in order, so this also confirms that every
+    /// stanza sent before it has been queued.
+    pub async fn stats(&self) -> Result<Stats, BoshError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Stats(tx))
+            .await
+            .map_err(|_| BoshError::Closed)?;
+        rx.await.map_err(|_| BoshError::Closed)
+    }
+
+    /// Ends the session: queued stanzas and `farewell` (e.g. unavailable presence) go in a
+    /// `type='terminate'` request. Returns when it was sent (or failed to be).
+    pub async fn terminate(&self, farewell: Vec<Element>) -> Result<(), BoshError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Terminate { farewell, done })
+            .await
+            .map_err(|_| BoshError::Closed)?;
+        rx.await.map_err(|_| BoshError::Closed)
+    }
+
+    /// True once the session's task has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Starts the scheduler for an established session whose next rid is `rid`; `early` stanzas are
+/// delivered first.
+pub(crate) fn spawn(
+    transport: Transport,
+    config: &BoshConfig,
+    jid: Jid,
+    params: SessionParams,
+    rid: u64,
+    features: Option<Element>,
+    early: Vec<Element>,
+) -> BoshSession {
+    let (tx, commands) = mpsc::channel(CHANNEL_CAP);
+    let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
+    let wait = Duration::from_secs(u64::from(params.wait));
+    let inactivity = Duration::from_secs(u64::from(params.inactivity.unwrap_or(60)));
+    let scheduler = Scheduler {
+        transport,
+        timeouts: config.timeouts,
+        sid: params.sid.clone(),
+        next_rid: rid,
+        next_deliver: rid,
+        requests: params.requests.max(1) as usize,
+        request_timeout: wait + config.timeouts.margin,
+        polling: Duration::from_secs(u64::from(params.polling.unwrap_or(5))).min(inactivity / 2),
+        max_request_bytes: config.max_request_bytes,
+        in_flight: BTreeMap::new(),
+        answered: BTreeMap::new(),
+        outbox: VecDeque::new(),
+        tasks: JoinSet::new(),
+        events: event_tx,
+        stats: Stats::default(),
+        degraded: false,
+        empty_not_before: None,
+    };
+    tokio::spawn(scheduler.run(commands, early));
+    BoshSession {
+        handle: BoshHandle { tx },
+        events,
+        jid,
+        params,
+        features,
+    }
+}
+
+/// A request sent and not yet answered.
+struct InFlight {
+    /// Exactly what was sent, for byte-identical resends.
+    bytes: Bytes,
+    /// 0 for the first send; only the reply of the latest attempt counts.
+    attempt: u32,
+    /// Whether it carried no stanzas.
+    empty: bool,
+}
+
+/// The outcome of one HTTP attempt, from the task that made it.
+struct Reply {
+    rid: u64,
+    attempt: u32,
+    sent_at: Instant,
+    result: Result<Bytes, PostError>,
+}
+
+struct Scheduler {
+    transport: Transport,
+    timeouts: Timeouts,
+    sid: String,
+    next_rid: u64,
+    /// The lowest rid whose response has not been handed on yet.
+    next_deliver: u64,
+    requests: usize,
+    request_timeout: Duration,
+    polling: Duration,
+    max_request_bytes: usize,
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Responses that arrived before an earlier rid's.
+    answered: BTreeMap<u64, Body>,
+    outbox: VecDeque<Element>,
+    tasks: JoinSet<Reply>,
+    events: mpsc::Sender<BoshEvent>,
+    stats: Stats,
+    /// A request failed and no response has arrived since.
+    degraded: bool,
+    /// Set when the server answered an empty request without holding it, so we do not spin.
+    empty_not_before: Option<Instant>,
+}
+
+/// The owner stopped listening; the session should end.
+struct Deaf;
+
+impl Scheduler {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, early: Vec<Element>) {
+        let mut ended = self.deliver_all(early).await.err().map(|Deaf| Ok(()));
+        while ended.is_none() {
+            self.fill();
+            let poll_at = match (self.in_flight.is_empty(), self.empty_not_before) {
+                (true, Some(at)) => Some(at),
+                _ => None,
+            };
+            tokio::select! {
+                cmd = commands.recv(), if self.outbox.len() < OUTBOX_CAP => match cmd {
+                    Some(Command::Send(stanzas)) => self.outbox.extend(stanzas),
+                    Some(Command::Stats(reply)) => {
+                        let _ = reply.send(self.stats());
+                    }
+                    Some(Command::Terminate { farewell, done }) => {
+                        self.terminate(farewell).await;
+                        let _ = done.send(());
+                        ended = Some(Ok(()));
+                    }
+                    None => {
+                        self.terminate(Vec::new()).await;
+                        ended = Some(Ok(()));
+                    }
+                },
+                Some(joined) = self.tasks.join_next() => {
+                    let reply = joined.expect("request tasks do not panic and are aborted only on exit");
+                    match self.on_reply(reply).await {
+                        Ok(()) => {}
+                        Err(Ended::Error(e)) => ended = Some(Err(e)),
+                        Err(Ended::Deaf) => {
+                            self.terminate(Vec::new()).await;
+                            ended = Some(Ok(()));
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(poll_at.unwrap_or_else(Instant::now)), if poll_at.is_some() => {
+                    self.empty_not_before = None;
+                }
+            }
+        }
+        self.tasks.abort_all();
+        let end = ended.unwrap_or(Ok(()));
+        match &end {
+            Ok(()) => tracing::debug!("upstream session ended"),
+            Err(e) => tracing::info!(error = %e, "upstream session lost"),
+        }
+        let _ = self.events.send(BoshEvent::Ended(end)).await;
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            next_rid: self.next_rid,
+            in_flight: self.in_flight.len(),
+            queued: self.outbox.len(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Sends new requests while the rules allow: queued stanzas whenever a slot is free, and an
+    /// empty request whenever nothing is in flight.
+    fn fill(&mut self) {
+        while self.in_flight.len() < self.requests {
+            if self.outbox.is_empty() {
+                let may_poll = self.empty_not_before.is_none_or(|at| Instant::now() >= at);
+                if self.in_flight.is_empty() && may_poll {
+                    self.empty_not_before = None;
+                    self.send_new(String::new(), true);
+                }
+                return;
+            }
+            let payload = self.take_batch();
+            self.send_new(payload, false);
+        }
+    }
+
+    /// Serializes queued stanzas up to the request size limit (at least one).
+    fn take_batch(&mut self) -> String {
+        let mut payload = String::new();
+        while let Some(stanza) = self.outbox.front() {
+            let before = payload.len();
+            stanza.write_xml(&mut payload, ns::HTTPBIND);
+            if payload.len() > self.max_request_bytes && before > 0 {
+                payload.truncate(before);
+                break;
+            }
+            self.outbox.pop_front();
+            self.stats.stanzas_out += 1;
+        }
+        payload
+    }
+
+    fn send_new(&mut self, payload: String, empty: bool) {
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        let bytes = body::request_bytes(rid, &self.sid, &payload);
+        self.in_flight.insert(
+            rid,
+            InFlight {
+                bytes: bytes.clone(),
+                attempt: 0,
+                empty,
+            },
+        );
+        self.stats.requests += 1;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight.len());
+        self.post(rid, 0, bytes, Duration::ZERO);
+    }
+
+    fn post(&mut self, rid: u64, attempt: u32, bytes: Bytes, delay: Duration) {
+        let transport = self.transport.clone();
+        let timeout = self.request_timeout;
+        self.tasks.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let sent_at = Instant::now();
+            let result = transport.post(bytes, timeout).await;
+            Reply {
+                rid,
+                attempt,
+                sent_at,
+                result,
+            }
+        });
+    }
+
+    async fn on_reply(&mut self, reply: Reply) -> Result<(), Ended> {
+        let Some(req) = self.in_flight.get(&reply.rid) else {
+            return Ok(()); // answered already, by an earlier attempt of a resend
+        };
+        if req.attempt != reply.attempt {
+            return Ok(()); // superseded by a resend
+        }
+        let body = match reply.result {
+            Ok(raw) => match Body::parse(&raw) {
+                Ok(body) => body,
+                Err(e) => return self.retry(reply.rid, TransportError::BadBody(e)).await,
+            },
+            Err(PostError::Transient(e)) => return self.retry(reply.rid, e).await,
+            Err(PostError::Status(status)) => {
+                return Err(Ended::Error(BoshError::HttpStatus(status)));
+            }
+        };
+        match body.body_type() {
+            BodyType::Error => {
+                // XEP-0124 §17.3: resend every request not yet answered, in rid order.
+                let rids: Vec<u64> = self.in_flight.keys().copied().collect();
+                for rid in rids {
+                    self.retry(
+                        rid,
+                        TransportError::Connection("recoverable binding error".into()),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            BodyType::Terminate => {
+                self.in_flight.remove(&reply.rid);
+                // Hand on what arrived before, in order, then this body's stanzas, then the end.
+                let earlier = std::mem::take(&mut self.answered);
+                for (_, b) in earlier.into_iter().filter(|(rid, _)| *rid < reply.rid) {
+                    self.deliver_all(b.into_children())
+                        .await
+                        .map_err(|Deaf| Ended::Deaf)?;
+                }
+                let (stanzas, error) = terminated(body);
+                self.deliver_all(stanzas)
+                    .await
+                    .map_err(|Deaf| Ended::Deaf)?;
+                Err(Ended::Error(error))
+            }
+            BodyType::Normal => {
+                let req = self.in_flight.remove(&reply.rid).expect("checked above");
+                if req.empty
+                    && self.in_flight.is_empty()
+                    && body.children().next().is_none()
+                    && reply.sent_at.elapsed() < MIN_HOLD
+                {
+                    self.empty_not_before = Some(Instant::now() + self.polling);
+                }
+                if self.degraded {
+                    self.degraded = false;
+                    self.emit(BoshEvent::Recovered)
+                        .await
+                        .map_err(|Deaf| Ended::Deaf)?;
+                }
+                self.answered.insert(reply.rid, body);
+                while let Some(b) = self.answered.remove(&self.next_deliver) {
+                    self.next_deliver += 1;
+                    self.deliver_all(b.into_children())
+                        .await
+                        .map_err(|Deaf| Ended::Deaf)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Schedules a byte-identical resend of `rid`, or gives up once the budget is spent.
+    async fn retry(&mut self, rid: u64, error: TransportError) -> Result<(), Ended> {
+        let Some(req) = self.in_flight.get_mut(&rid) else {
+            return Ok(());
+        };
+        req.attempt += 1;
+        let attempt = req.attempt;
+        if attempt > self.timeouts.max_retries {
+            return Err(Ended::Error(BoshError::RetriesExhausted {
+                attempts: attempt,
+                last: error,
+            }));
+        }
+        let bytes = req.bytes.clone();
+        self.stats.retries += 1;
+        self.degraded = true;
+        tracing::debug!(attempt, error = %error, "upstream request failed, resending");
+        self.emit(BoshEvent::Retrying {
+            rid,
+            attempt,
+            error,
+        })
+        .await
+        .map_err(|Deaf| Ended::Deaf)?;
+        let delay = self.timeouts.backoff(attempt);
+        self.post(rid, attempt, bytes, delay);
+        Ok(())
+    }
+
+    /// Sends queued stanzas and `farewell` in a terminate request, then drops every other request
+    /// (a server may not release a held request after a terminate). Requests in flight are left
+    /// running until then: one aborted before it reached the server would leave a gap in the rids,
+    /// and the server would hold the terminate waiting for it.
+    async fn terminate(&mut self, farewell: Vec<Element>) {
+        let mut payload = String::new();
+        for stanza in self.outbox.drain(..).chain(farewell) {
+            stanza.write_xml(&mut payload, ns::HTTPBIND);
+            self.stats.stanzas_out += 1;
+        }
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        let bytes = body::terminate_bytes(rid, &self.sid, &payload);
+        if let Err(e) = self.transport.post(bytes, self.request_timeout).await {
+            tracing::debug!(error = ?e, "terminate request failed; the server will time the session out");
+        }
+        self.tasks.abort_all();
+        self.in_flight.clear();
+    }
+
+    async fn deliver_all(&mut self, stanzas: Vec<Element>) -> Result<(), Deaf> {
+        for s in stanzas {
+            self.stats.stanzas_in += 1;
+            self.emit(BoshEvent::Stanza(s)).await?;
+        }
+        Ok(())
+    }
+
+    async fn emit(&self, event: BoshEvent) -> Result<(), Deaf> {
+        self.events.send(event).await.map_err(|_| Deaf)
+    }
+}
+
+enum Ended {
+    Error(BoshError),
+    Deaf,
+}
+
+/// Splits a terminate body into the stanzas it still carries (delivered first) and the error.
+pub(crate) fn terminated(body: Body) -> (Vec<Element>, BoshError) {
+    let condition = body.condition().map(str::to_owned);
+    let mut stream_error = None;
+    let mut stanzas = Vec::new();
+    for el in body.into_children() {
+        if el.is("error", ns::STREAM) {
+            stream_error = el
+                .elements()
+                .find(|c| c.ns == ns::STREAMS && c.name != "text")
+                .map(|c| c.name.clone());
+        } else {
+            stanzas.push(el);
+        }
+    }
+    (
+        stanzas,
+        BoshError::Terminated {
+            condition,
+            stream_error,
+        },
+    )
+}

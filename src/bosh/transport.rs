@@ -1,0 +1,96 @@
+//! One HTTP POST of a BOSH body, with a deadline. Retrying is the scheduler's business.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::error::TransportError;
+
+/// What a POST can end in besides a body: transient failures, or a status that ends the session.
+#[derive(Debug)]
+pub(crate) enum PostError {
+    /// Worth repeating with the same rid.
+    Transient(TransportError),
+    /// A 4xx or other non-retryable status.
+    Status(u16),
+}
+
+/// The connection manager's URL and a pooled HTTP client, shared by every session.
+#[derive(Clone, Debug)]
+pub struct Transport {
+    http: reqwest::Client,
+    url: reqwest::Url,
+}
+
+impl Transport {
+    /// A transport for the connection manager at `url`.
+    pub fn new(url: &str) -> Result<Transport, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("bosh_url {url:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("bosh_url {url:?}: scheme must be http or https"));
+        }
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            // A BOSH POST is never redirected; following one would resend a rid elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .user_agent(concat!("boshmux/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Transport { http, url })
+    }
+
+    /// The connection manager's URL.
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// POSTs `body` and returns the response bytes of a 200 answer.
+    pub(crate) async fn post(&self, body: Bytes, timeout: Duration) -> Result<Bytes, PostError> {
+        let send = async {
+            let resp = self
+                .http
+                .post(self.url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))?;
+            let status = resp.status().as_u16();
+            if status >= 500 {
+                return Err(PostError::Transient(TransportError::ServerError(status)));
+            }
+            if status != 200 {
+                return Err(PostError::Status(status));
+            }
+            resp.bytes()
+                .await
+                .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))
+        };
+        tokio::time::timeout(timeout, send)
+            .await
+            .unwrap_or(Err(PostError::Transient(TransportError::Timeout(timeout))))
+    }
+}
+
+/// reqwest's top-level message is generic ("error sending request"); the cause says what failed.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// reqwest is built without a default TLS provider so the build does not pull a second crypto
+/// library; ring is installed once, before the first client is built.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err only means another provider was installed first, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

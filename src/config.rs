@@ -1,0 +1,597 @@
+//! Configuration (SPEC §2): a TOML file, then `BOSHMUX_*` environment variables, then flags,
+//! later sources winning. Every value is checked on load; an error names the key and the source.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The daemon's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Address the daemon listens on.
+    pub listen: SocketAddr,
+    /// Upstream BOSH connection manager.
+    pub bosh_url: Option<String>,
+    /// The XMPP domain users belong to.
+    pub xmpp_domain: Option<String>,
+    /// Server-to-server secret for the handoff API; `serve` refuses to start without one.
+    pub api_key: Option<String>,
+    /// Exact origins allowed to open pages (`scheme://host[:port]`).
+    pub allowed_origins: Vec<String>,
+    /// How long a session outlives its last page.
+    pub grace: Duration,
+    /// Where sessions are saved across a restart (SPEC §8); none means a stop ends them.
+    pub state_file: Option<PathBuf>,
+    /// `wait` asked of the connection manager, seconds.
+    pub bosh_wait: u32,
+    /// Resource asked for when logging a user in (kept across re-logins).
+    pub resource: String,
+    /// Limits of SPEC §9.
+    pub limits: Limits,
+}
+
+/// Limits with defaults (SPEC §9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Pages one user may have open at once.
+    pub pages_per_user: usize,
+    /// Users (upstream sessions) one daemon holds.
+    pub users: usize,
+    /// Largest stanza a page may send, bytes.
+    pub stanza_bytes: usize,
+    /// Bytes queued for one page before it is closed as too slow (4002).
+    pub page_queue_bytes: usize,
+    /// Stanzas per second one page may send (sustained).
+    pub page_send_rate: u32,
+    /// Interval of WebSocket pings to pages.
+    pub ws_ping_interval: Duration,
+    /// A page that answers no ping for this long is closed.
+    pub ws_dead_peer_timeout: Duration,
+    /// Time allowed from upgrade to bound resource.
+    pub handshake_timeout: Duration,
+    /// WebSocket upgrades accepted per second.
+    pub upgrade_rate: u32,
+    /// Stanzas buffered for a user while no page is attached.
+    pub offline_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5380)),
+            bosh_url: None,
+            xmpp_domain: None,
+            api_key: None,
+            allowed_origins: Vec::new(),
+            grace: Duration::from_secs(60),
+            state_file: None,
+            bosh_wait: 60,
+            resource: "boshmux".into(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            pages_per_user: 32,
+            users: 10_000,
+            stanza_bytes: 256 * 1024,
+            page_queue_bytes: 1024 * 1024,
+            page_send_rate: 50,
+            ws_ping_interval: Duration::from_secs(30),
+            ws_dead_peer_timeout: Duration::from_secs(75),
+            handshake_timeout: Duration::from_secs(10),
+            upgrade_rate: 200,
+            offline_buffer: 1000,
+        }
+    }
+}
+
+/// A configuration error. Each names where the bad value came from and which key it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key nobody reads: most likely a typo.
+    #[error("{source_name}: unknown key `{key}`")]
+    UnknownKey {
+        /// File path, environment variable or flag.
+        source_name: String,
+        /// The key.
+        key: String,
+    },
+    /// A value of the wrong form.
+    #[error("{source_name}: invalid value for `{key}`: {message}")]
+    Invalid {
+        /// File path, environment variable or flag.
+        source_name: String,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required key is absent.
+    #[error("`{key}` is required{hint}")]
+    Missing {
+        /// The key.
+        key: &'static str,
+        /// How to set it.
+        hint: &'static str,
+    },
+}
+
+/// Settings given as command-line flags (SPEC §2); `None` leaves the earlier source's value.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:5380].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Upstream BOSH URL, e.g. http://127.0.0.1:5280/http-bind.
+    #[arg(long)]
+    pub bosh_url: Option<String>,
+    /// The XMPP domain of the users.
+    #[arg(long)]
+    pub xmpp_domain: Option<String>,
+    /// Secret for the handoff API (prefer the config file or BOSHMUX_API_KEY: flags show in `ps`).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// An origin allowed to open pages; repeat for several.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
+    /// How long a session outlives its last page, e.g. 60s.
+    #[arg(long)]
+    pub grace: Option<String>,
+    /// File that keeps sessions across a restart.
+    #[arg(long)]
+    pub state_file: Option<String>,
+}
+
+impl Config {
+    /// Loads the file named in `flags` (if any), then `env` (`BOSHMUX_*` pairs), then `flags`.
+    pub fn load(
+        flags: &Flags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        if let Some(path) = &flags.config {
+            cfg.apply_file(path)?;
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            // BOSHMUX_LOG is the log filter, read by the binary; BOSHMUX_TEST_* belong to the tests.
+            .filter(|(k, _)| {
+                k.starts_with("BOSHMUX_") && k != "BOSHMUX_LOG" && !k.starts_with("BOSHMUX_TEST_")
+            })
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            let key = var["BOSHMUX_".len()..].to_ascii_lowercase();
+            let key = match key.strip_prefix("limits_") {
+                Some(rest) => format!("limits.{rest}"),
+                None => key,
+            };
+            if key == "allowed_origins" {
+                cfg.allowed_origins.clear();
+                for origin in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    cfg.set(&var, "allowed_origins", origin)?;
+                }
+            } else {
+                cfg.set(&var, &key, &value)?;
+            }
+        }
+        let pairs = [
+            ("--listen", "listen", &flags.listen),
+            ("--bosh-url", "bosh_url", &flags.bosh_url),
+            ("--xmpp-domain", "xmpp_domain", &flags.xmpp_domain),
+            ("--api-key", "api_key", &flags.api_key),
+            ("--grace", "grace", &flags.grace),
+            ("--state-file", "state_file", &flags.state_file),
+        ];
+        for (flag, key, value) in pairs {
+            if let Some(v) = value {
+                cfg.set(flag, key, v)?;
+            }
+        }
+        if !flags.allow_origin.is_empty() {
+            cfg.allowed_origins.clear();
+            for origin in &flags.allow_origin {
+                cfg.set("--allow-origin", "allowed_origins", origin)?;
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks what `serve` needs beyond well-formed values.
+    pub fn require_for_serve(&self) -> Result<(), ConfigError> {
+        if self.api_key.is_none() {
+            return Err(ConfigError::Missing {
+                key: "api_key",
+                hint: " to serve (config file, BOSHMUX_API_KEY or --api-key)",
+            });
+        }
+        if self.bosh_url.is_none() {
+            return Err(ConfigError::Missing {
+                key: "bosh_url",
+                hint: " (config file, BOSHMUX_BOSH_URL or --bosh-url)",
+            });
+        }
+        if self.xmpp_domain.is_none() {
+            return Err(ConfigError::Missing {
+                key: "xmpp_domain",
+                hint: " (config file, BOSHMUX_XMPP_DOMAIN or --xmpp-domain)",
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?;
+        let source_name = path.display().to_string();
+        for (key, value) in table {
+            if key == "limits" {
+                let toml::Value::Table(limits) = value else {
+                    return Err(invalid(&source_name, "limits", "expected a table"));
+                };
+                for (k, v) in limits {
+                    let full = format!("limits.{k}");
+                    let s = scalar(&source_name, &full, v)?;
+                    self.set(&source_name, &full, &s)?;
+                }
+            } else if key == "allowed_origins" {
+                let toml::Value::Array(items) = value else {
+                    return Err(invalid(&source_name, &key, "expected an array of strings"));
+                };
+                self.allowed_origins.clear();
+                for item in items {
+                    let s = scalar(&source_name, &key, item)?;
+                    self.set(&source_name, &key, &s)?;
+                }
+            } else {
+                let s = scalar(&source_name, &key, value)?;
+                self.set(&source_name, &key, &s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one key from its textual value; `allowed_origins` appends.
+    fn set(&mut self, source_name: &str, key: &str, value: &str) -> Result<(), ConfigError> {
+        let bad = |message: String| invalid(source_name, key, &message);
+        let l = &mut self.limits;
+        match key {
+            "listen" => {
+                self.listen = value
+                    .parse()
+                    .map_err(|_| bad(format!("{value:?} is not an address like 127.0.0.1:5380")))?;
+            }
+            "bosh_url" => {
+                let url = reqwest::Url::parse(value).map_err(|e| bad(format!("{value:?}: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(bad(format!("{value:?}: scheme must be http or https")));
+                }
+                self.bosh_url = Some(value.to_owned());
+            }
+            "xmpp_domain" => {
+                let jid = crate::xmpp::Jid::parse(value).map_err(|e| bad(e.to_string()))?;
+                if jid.local().is_some() || jid.resource().is_some() {
+                    return Err(bad(format!("{value:?} is not a bare domain")));
+                }
+                self.xmpp_domain = Some(jid.domain().to_owned());
+            }
+            "api_key" => {
+                if value.len() < 16 {
+                    return Err(bad("must be at least 16 characters".into()));
+                }
+                self.api_key = Some(value.to_owned());
+            }
+            "allowed_origins" => {
+                self.allowed_origins.push(parse_origin(value).map_err(bad)?);
+            }
+            "grace" => self.grace = duration(value).map_err(bad)?,
+            "state_file" => self.state_file = Some(PathBuf::from(value)),
+            "bosh_wait" => self.bosh_wait = number(value, 1, 120).map_err(bad)?,
+            "resource" => {
+                if value.is_empty() || value.chars().any(char::is_control) {
+                    return Err(bad(
+                        "must be a non-empty resource without control characters".into(),
+                    ));
+                }
+                self.resource = value.to_owned();
+            }
+            "limits.pages_per_user" => l.pages_per_user = number(value, 1, 10_000).map_err(bad)?,
+            "limits.users" => l.users = number(value, 1, 10_000_000).map_err(bad)?,
+            "limits.stanza_bytes" => l.stanza_bytes = number(value, 1024, 16 << 20).map_err(bad)?,
+            "limits.page_queue_bytes" => {
+                l.page_queue_bytes = number(value, 4096, 1 << 30).map_err(bad)?;
+            }
+            "limits.page_send_rate" => {
+                l.page_send_rate = number(value, 1, 1_000_000).map_err(bad)?
+            }
+            "limits.ws_ping_interval" => l.ws_ping_interval = duration(value).map_err(bad)?,
+            "limits.ws_dead_peer_timeout" => {
+                l.ws_dead_peer_timeout = duration(value).map_err(bad)?
+            }
+            "limits.handshake_timeout" => l.handshake_timeout = duration(value).map_err(bad)?,
+            "limits.upgrade_rate" => l.upgrade_rate = number(value, 1, 1_000_000).map_err(bad)?,
+            "limits.offline_buffer" => {
+                l.offline_buffer = number(value, 0, 1_000_000).map_err(bad)?
+            }
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    source_name: source_name.to_owned(),
+                    key: key.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(source_name: &str, key: &str, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        source_name: source_name.to_owned(),
+        key: key.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+/// A TOML scalar as text, so file, environment and flags share one parser per key.
+fn scalar(source_name: &str, key: &str, v: toml::Value) -> Result<String, ConfigError> {
+    match v {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(invalid(
+            source_name,
+            key,
+            &format!("expected a string or number, found {}", other.type_str()),
+        )),
+    }
+}
+
+fn number<T>(value: &str, min: T, max: T) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let n: T = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("{n} is outside {min}..={max}"));
+    }
+    Ok(n)
+}
+
+/// A duration: whole seconds (`60`) or with units (`90s`, `2m`, `500ms`).
+fn duration(value: &str) -> Result<Duration, String> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(v).map_err(|e| format!("{value:?} is not a duration like 60s: {e}"))
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, nothing after.
+fn parse_origin(value: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(value).map_err(|e| format!("{value:?}: {e}"))?;
+    let canonical = url.origin().ascii_serialization();
+    if canonical == "null" || !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{value:?} is not an http(s) origin"));
+    }
+    if value.trim_end_matches('/') != canonical {
+        return Err(format!(
+            "{value:?} is not an exact origin (scheme://host[:port], no path); did you mean {canonical:?}?"
+        ));
+    }
+    Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn write_file(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    /// A file under the target directory, removed on drop; enough for config tests.
+    mod tempfile_path {
+        pub(super) struct TempPath(pub(super) std::path::PathBuf);
+        impl TempPath {
+            pub(super) fn with(text: &str) -> Self {
+                let p =
+                    std::env::temp_dir().join(format!("boshmux-cfg-{}.toml", uuid::Uuid::new_v4()));
+                std::fs::write(&p, text).unwrap();
+                TempPath(p)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = Config::load(&Flags::default(), env(&[])).unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:5380");
+        assert_eq!(cfg.grace, Duration::from_secs(60));
+        assert_eq!(cfg.limits.pages_per_user, 32);
+    }
+
+    #[test]
+    fn later_sources_win() {
+        let file = write_file(
+            "listen = \"127.0.0.1:6000\"\nbosh_url = \"http://127.0.0.1:5280/http-bind\"\n\
+             grace = 30\nallowed_origins = [\"https://a.example\"]\n[limits]\npages_per_user = 8\n",
+        );
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            grace: Some("2m".into()),
+            ..Flags::default()
+        };
+        let cfg = Config::load(
+            &flags,
+            env(&[
+                ("BOSHMUX_LISTEN", "127.0.0.1:7000"),
+                ("BOSHMUX_GRACE", "45s"),
+                ("BOSHMUX_LIMITS_PAGES_PER_USER", "4"),
+                (
+                    "BOSHMUX_ALLOWED_ORIGINS",
+                    "https://b.example, http://c.example:8080",
+                ),
+                ("BOSHMUX_TEST_PROSODY_BOSH", "ignored"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(cfg.grace, Duration::from_secs(120));
+        assert_eq!(cfg.limits.pages_per_user, 4);
+        assert_eq!(
+            cfg.bosh_url.as_deref(),
+            Some("http://127.0.0.1:5280/http-bind")
+        );
+        assert_eq!(
+            cfg.allowed_origins,
+            ["https://b.example", "http://c.example:8080"]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_source() {
+        let file = write_file("grace = \"soon\"\n");
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        let err = Config::load(&flags, env(&[])).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}: invalid value for `grace`: \"soon\"",
+                file.0.display()
+            )),
+            "{err}"
+        );
+
+        let err = Config::load(
+            &Flags::default(),
+            env(&[("BOSHMUX_LIMITS_PAGES_PER_USER", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "BOSHMUX_LIMITS_PAGES_PER_USER: invalid value for `limits.pages_per_user`: 0 is outside 1..=10000"
+        );
+
+        let flags = Flags {
+            allow_origin: vec!["https://app.example/path".into()],
+            ..Flags::default()
+        };
+        assert_eq!(
+            Config::load(&flags, env(&[])).unwrap_err().to_string(),
+            "--allow-origin: invalid value for `allowed_origins`: \"https://app.example/path\" is not an \
+             exact origin (scheme://host[:port], no path); did you mean \"https://app.example\"?"
+        );
+
+        let err = Config::load(&Flags::default(), env(&[("BOSHMUX_LISTN", "x")])).unwrap_err();
+        assert_eq!(err.to_string(), "BOSHMUX_LISTN: unknown key `listn`");
+
+        let file = write_file("[limits]\nstanza_bytes = [1]\n");
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            Config::load(&flags, env(&[])).unwrap_err().to_string(),
+            format!(
+                "{}: invalid value for `limits.stanza_bytes`: expected a string or number, found array",
+                file.0.display()
+            )
+        );
+        let flags = Flags {
+            bosh_url: Some("ftp://x".into()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            Config::load(&flags, env(&[])).unwrap_err().to_string(),
+            "--bosh-url: invalid value for `bosh_url`: \"ftp://x\": scheme must be http or https"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_and_missing_files() {
+        let file = write_file("listen = \n");
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        let err = Config::load(&flags, env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        let flags = Flags {
+            config: Some("/nonexistent/boshmux.toml".into()),
+            ..Flags::default()
+        };
+        assert!(
+            Config::load(&flags, env(&[]))
+                .unwrap_err()
+                .to_string()
+                .starts_with("cannot read config file /nonexistent/boshmux.toml:")
+        );
+    }
+
+    #[test]
+    fn serve_needs_an_api_key() {
+        let cfg = Config::load(&Flags::default(), env(&[])).unwrap();
+        assert_eq!(
+            cfg.require_for_serve().unwrap_err().to_string(),
+            "`api_key` is required to serve (config file, BOSHMUX_API_KEY or --api-key)"
+        );
+        let short =
+            Config::load(&Flags::default(), env(&[("BOSHMUX_API_KEY", "short")])).unwrap_err();
+        assert_eq!(
+            short.to_string(),
+            "BOSHMUX_API_KEY: invalid value for `api_key`: must be at least 16 characters"
+        );
+    }
+}

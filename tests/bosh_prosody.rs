@@ -1,0 +1,251 @@
+//! The BOSH client against the real Prosody that `scripts/test` starts. Each test uses its own
+//! group of accounts (g01…g24, see scripts/prosody.sh), so tests running in parallel do not meet.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use boshmux::bosh::{Body, BoshClient, BoshError, BoshEvent, SessionParams};
+use boshmux::xmpp::sasl::Mechanism;
+use boshmux::xmpp::{Element, Jid, ns};
+use support::{body_text, chat, eventually, go_online, next_event, next_message, prosody};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn scram_sha1_login_binds_the_requested_resource() {
+    let p = prosody();
+    let mut cfg = p.bosh_config();
+    cfg.mechanisms = vec![Mechanism::ScramSha256, Mechanism::ScramSha1];
+    let (jid, password) = p.user("g01a");
+    let session = BoshClient::new(cfg)
+        .unwrap()
+        .login(&jid, &password, Some("tab-r1"))
+        .await
+        .unwrap();
+    assert_eq!(session.jid.to_string(), "g01a@localhost/tab-r1");
+    assert_eq!(session.params.requests, 2);
+    assert_eq!(session.params.wait, 10);
+    assert_eq!(p.sessions_of(&jid), ["g01a@localhost/tab-r1"]);
+    session.handle.terminate(vec![]).await.unwrap();
+}
+
+#[tokio::test]
+async fn plain_login_works_and_a_message_from_another_account_arrives() {
+    let p = prosody();
+    let mut cfg = p.bosh_config();
+    cfg.mechanisms = vec![Mechanism::Plain];
+    let client = BoshClient::new(cfg).unwrap();
+    let (a_jid, a_pw) = p.user("g02a");
+    let (b_jid, b_pw) = p.user("g02b");
+    let mut a = client.login(&a_jid, &a_pw, Some("a")).await.unwrap();
+    let b = client.login(&b_jid, &b_pw, Some("b")).await.unwrap();
+    go_online(&mut a, LIMIT).await;
+
+    b.handle
+        .send(chat("g02a@localhost", "hello from b"))
+        .await
+        .unwrap();
+    let msg = next_message(&mut a.events, LIMIT).await;
+    assert_eq!(body_text(&msg).as_deref(), Some("hello from b"));
+    assert_eq!(msg.attr("from"), Some("g02b@localhost/b"));
+    a.handle.terminate(vec![]).await.unwrap();
+    b.handle.terminate(vec![]).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_session_survives_several_wait_periods() {
+    let p = prosody();
+    let mut cfg = p.bosh_config();
+    cfg.wait = 2;
+    let (jid, pw) = p.user("g03a");
+    let mut s = BoshClient::new(cfg)
+        .unwrap()
+        .login(&jid, &pw, Some("idle"))
+        .await
+        .unwrap();
+    assert_eq!(s.params.wait, 2);
+    let start = s.handle.stats().await.unwrap().requests;
+    // Each empty request is held for `wait` and then answered empty; four answered polls means
+    // the session sat idle through more than three wait periods.
+    eventually(
+        "four held requests to come back empty",
+        Duration::from_secs(20),
+        || async {
+            let st = s.handle.stats().await.unwrap();
+            (st.requests >= start + 4).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(p.sessions_of(&jid), ["g03a@localhost/idle"]);
+    // Still the same, working session: a message to ourselves comes back.
+    s.handle
+        .send(chat("g03a@localhost/idle", "still alive"))
+        .await
+        .unwrap();
+    let echo = next_message(&mut s.events, LIMIT).await;
+    assert_eq!(body_text(&echo).as_deref(), Some("still alive"));
+    s.handle.terminate(vec![]).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate() {
+    let p = prosody();
+    let (jid, pw) = p.user("g04a");
+    let mut s = BoshClient::new(p.bosh_config())
+        .unwrap()
+        .login(&jid, &pw, Some("one"))
+        .await
+        .unwrap();
+    assert_eq!(p.sessions_of(&jid), ["g04a@localhost/one"]);
+    let presence = Element::new("presence", ns::CLIENT).with_attr("type", "unavailable");
+    s.handle.terminate(vec![presence]).await.unwrap();
+    assert!(matches!(
+        next_event(&mut s.events, LIMIT).await,
+        BoshEvent::Ended(Ok(()))
+    ));
+    eventually("the session to be gone from the server", LIMIT, || async {
+        p.sessions_of(&jid).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_terminal_auth_error() {
+    let p = prosody();
+    let (jid, _) = p.user("g05a");
+    match BoshClient::new(p.bosh_config())
+        .unwrap()
+        .login(&jid, "not-the-password", None)
+        .await
+    {
+        Err(e @ BoshError::AuthFailed { .. }) => {
+            assert_eq!(e.to_string(), "authentication failed: not-authorized");
+        }
+        other => panic!("expected AuthFailed, got {other:?}"),
+    }
+    assert!(p.sessions_of(&jid).is_empty());
+}
+
+#[tokio::test]
+async fn a_session_closed_by_the_server_ends_without_a_condition() {
+    let p = prosody();
+    let (jid, pw) = p.user("g06a");
+    let mut s = BoshClient::new(p.bosh_config())
+        .unwrap()
+        .login(&jid, &pw, Some("kill"))
+        .await
+        .unwrap();
+    // Let the scheduler put its first request at the server before the kill.
+    eventually("a request held at the server", LIMIT, || async {
+        (s.handle.stats().await.unwrap().in_flight == 1).then_some(())
+    })
+    .await;
+    p.shell("c2s:close('g06a@localhost/kill')");
+    loop {
+        match next_event(&mut s.events, LIMIT).await {
+            BoshEvent::Ended(Err(BoshError::Terminated { condition, .. })) => {
+                assert_eq!(condition, None);
+                break;
+            }
+            BoshEvent::Ended(other) => panic!("expected Terminated, got {other:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A session established by someone else (here: raw HTTP, as a web app's server would) is taken
+/// over with its sid and next rid, and carries messages both ways.
+#[tokio::test]
+async fn attach_takes_over_a_session_created_elsewhere() {
+    let p = prosody();
+    let (a_jid, a_pw) = p.user("g07a");
+    let (b_jid, b_pw) = p.user("g07b");
+    let (full, sid, rid) = raw_login(&p.bosh, &a_jid, &a_pw, "web").await;
+    assert_eq!(full.to_string(), "g07a@localhost/web");
+
+    let client = BoshClient::new(p.bosh_config()).unwrap();
+    let mut a = client.attach(full.clone(), sid, rid);
+    let mut b = client.login(&b_jid, &b_pw, Some("b")).await.unwrap();
+    go_online(&mut b, LIMIT).await;
+    go_online(&mut a, LIMIT).await;
+
+    a.handle
+        .send(chat("g07b@localhost", "from the attached session"))
+        .await
+        .unwrap();
+    let got = next_message(&mut b.events, LIMIT).await;
+    assert_eq!(
+        body_text(&got).as_deref(),
+        Some("from the attached session")
+    );
+    assert_eq!(got.attr("from"), Some("g07a@localhost/web"));
+
+    b.handle
+        .send(chat("g07a@localhost/web", "back to you"))
+        .await
+        .unwrap();
+    let got = next_message(&mut a.events, LIMIT).await;
+    assert_eq!(body_text(&got).as_deref(), Some("back to you"));
+    assert_eq!(p.sessions_of(&a_jid), ["g07a@localhost/web"]);
+
+    a.handle.terminate(vec![]).await.unwrap();
+    b.handle.terminate(vec![]).await.unwrap();
+}
+
+/// Logs in with plain HTTP requests, the way a web app's own code hands a session to Strophe's
+/// `attach()`. Returns the full JID, sid and the next rid.
+async fn raw_login(url: &str, jid: &Jid, password: &str, resource: &str) -> (Jid, String, u64) {
+    let http = reqwest::Client::new();
+    let post = |body: Body| {
+        let http = http.clone();
+        async move {
+            let raw = http
+                .post(url)
+                .body(body.to_bytes())
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            Body::parse(&raw).unwrap()
+        }
+    };
+    let mut rid = 777_000;
+    let created = post(Body::create(rid, jid.domain(), 10, "en")).await;
+    let sid = SessionParams::from_body(&created).unwrap().sid;
+    rid += 1;
+    let plain = base64::engine::general_purpose::STANDARD
+        .encode(format!("\0{}\0{password}", jid.local().unwrap()));
+    let auth = Element::new("auth", ns::SASL)
+        .with_attr("mechanism", "PLAIN")
+        .with_text(plain);
+    let answer = post(Body::request(rid, &sid, [auth])).await;
+    assert!(
+        answer.children().any(|c| c.is("success", ns::SASL)),
+        "{answer:?}"
+    );
+    rid += 1;
+    post(Body::restart(rid, &sid, jid.domain(), "en")).await;
+    rid += 1;
+    let bind = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "b1")
+        .with_child(
+            Element::new("bind", ns::BIND)
+                .with_child(Element::new("resource", ns::BIND).with_text(resource)),
+        );
+    let answer = post(Body::request(rid, &sid, [bind])).await;
+    let bound = answer
+        .children()
+        .find_map(|c| {
+            c.child("bind", ns::BIND)?
+                .child("jid", ns::BIND)
+                .map(Element::text)
+        })
+        .expect("bind result");
+    rid += 1;
+    (Jid::parse(&bound).unwrap(), sid, rid)
+}

@@ -1,0 +1,165 @@
+//! Shared test support: the Prosody started by `scripts/test`, and small waiting helpers.
+#![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
+
+use std::future::Future;
+use std::process::Command;
+use std::time::Duration;
+
+use boshmux::bosh::{BoshConfig, BoshEvent, Timeouts};
+use boshmux::xmpp::{Element, Jid, ns};
+
+/// The Prosody that `scripts/test` runs for this test run.
+pub struct Prosody {
+    /// Its BOSH URL.
+    pub bosh: String,
+    /// Its virtual host.
+    pub domain: String,
+    /// Its config file, for `prosodyctl --config … shell`.
+    pub config: String,
+}
+
+/// The test Prosody. Panics (failing the test) when the run was not started by `scripts/test`:
+/// a Prosody test never passes by skipping.
+pub fn prosody() -> Prosody {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: tests that need Prosody run through scripts/test, which starts one")
+        })
+    };
+    Prosody {
+        bosh: var("BOSHMUX_TEST_PROSODY_BOSH"),
+        domain: var("BOSHMUX_TEST_PROSODY_DOMAIN"),
+        config: var("BOSHMUX_TEST_PROSODY_CONFIG"),
+    }
+}
+
+impl Prosody {
+    /// User `name` of the test accounts (e.g. `g01a`) and its password.
+    pub fn user(&self, name: &str) -> (Jid, String) {
+        (
+            Jid::parse(&format!("{name}@{}", self.domain)).unwrap(),
+            format!("pw-{name}"),
+        )
+    }
+
+    /// A BOSH client configuration for this Prosody with tight timeouts.
+    pub fn bosh_config(&self) -> BoshConfig {
+        let mut cfg = BoshConfig::new(self.bosh.clone());
+        cfg.timeouts = Timeouts::tight();
+        cfg.wait = 10;
+        cfg
+    }
+
+    /// Runs one admin shell command and returns its output.
+    pub fn shell(&self, command: &str) -> String {
+        let out = Command::new("prosodyctl")
+            .args(["--config", &self.config, "shell", command])
+            .output()
+            .expect("run prosodyctl");
+        assert!(
+            out.status.success(),
+            "prosodyctl shell {command:?} failed: {out:?}"
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Full JIDs of the live client sessions of user `bare`, as the server's admin shell lists them.
+    pub fn sessions_of(&self, bare: &Jid) -> Vec<String> {
+        let prefix = format!("{bare}/");
+        self.shell("c2s:show()")
+            .lines()
+            .filter_map(|l| l.split('|').nth(1).map(str::trim))
+            .filter(|jid| jid.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Polls `check` until it returns `Some`, for conditions no event announces (another process's
+/// state). Fails the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next event, failing the test if none comes within `limit`.
+pub async fn next_event(
+    events: &mut tokio::sync::mpsc::Receiver<BoshEvent>,
+    limit: Duration,
+) -> BoshEvent {
+    tokio::time::timeout(limit, events.recv())
+        .await
+        .expect("timed out waiting for a session event")
+        .expect("event stream ended without Ended")
+}
+
+/// The next stanza, skipping retry notices; fails on the end of the session.
+pub async fn next_stanza(
+    events: &mut tokio::sync::mpsc::Receiver<BoshEvent>,
+    limit: Duration,
+) -> Element {
+    loop {
+        match next_event(events, limit).await {
+            BoshEvent::Stanza(s) => return s,
+            BoshEvent::Ended(e) => panic!("session ended while waiting for a stanza: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A chat message with `body` to `to`.
+pub fn chat(to: &str, body: &str) -> Element {
+    Element::new("message", ns::CLIENT)
+        .with_attr("to", to)
+        .with_attr("type", "chat")
+        .with_child(Element::new("body", ns::CLIENT).with_text(body))
+}
+
+/// The `<body/>` text of a message.
+pub fn body_text(message: &Element) -> Option<String> {
+    message.child("body", ns::CLIENT).map(Element::text)
+}
+
+/// The next `<message/>`, skipping other stanzas (presence from contacts, …).
+pub async fn next_message(
+    events: &mut tokio::sync::mpsc::Receiver<BoshEvent>,
+    limit: Duration,
+) -> Element {
+    loop {
+        let s = next_stanza(events, limit).await;
+        if s.is("message", ns::CLIENT) {
+            return s;
+        }
+    }
+}
+
+/// Initial presence, which makes a session available for messages to the bare JID.
+pub fn available() -> Element {
+    Element::new("presence", ns::CLIENT)
+}
+
+/// Sends initial presence and waits for the server to reflect it back: from then on messages to
+/// the bare JID reach this session.
+pub async fn go_online(session: &mut boshmux::bosh::BoshSession, limit: Duration) {
+    session.handle.send(available()).await.unwrap();
+    let me = session.jid.to_string();
+    loop {
+        let s = next_stanza(&mut session.events, limit).await;
+        if s.is("presence", ns::CLIENT) && s.attr("from") == Some(me.as_str()) {
+            return;
+        }
+    }
+}
