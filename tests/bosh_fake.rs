@@ -388,3 +388,120 @@ async fn login_and_routing_against_the_fake_in_automatic_mode() {
         other => panic!("expected AuthFailed, got {other:?}"),
     }
 }
+
+/// The whole login exchange, request by request: creation without features (the client must poll
+/// for them), PLAIN, restart, bind with the requested resource, and the legacy session request
+/// when the server does not mark it optional.
+#[tokio::test]
+async fn login_polls_for_features_and_walks_the_whole_exchange() {
+    let fake = FakeCm::start(FakeCmConfig::default()).await.unwrap();
+    let mut rx = fake.intercept();
+    let c = client(&fake);
+    let login = tokio::spawn(async move {
+        let jid = Jid::parse("alice@example.test").unwrap();
+        c.login(&jid, "secret", Some("desk")).await
+    });
+    let body = |children: Vec<Element>| {
+        let mut el = Element::new("body", ns::HTTPBIND);
+        for c in children {
+            el.push_child(c);
+        }
+        el
+    };
+
+    let create = next_request(&mut rx).await;
+    let rid0 = create.rid;
+    let el = &create.body.element;
+    assert_eq!(
+        (
+            el.attr("to"),
+            el.attr("hold"),
+            el.attr("ver"),
+            el.attr("sid")
+        ),
+        (Some("example.test"), Some("1"), Some("1.6"), None)
+    );
+    assert_eq!(el.attr_ns(Some(ns::XBOSH), "version"), Some("1.0"));
+    assert!(rid0 > 0 && rid0 < (1 << 53));
+    let mut created = body(vec![]);
+    for (k, v) in [
+        ("sid", "s9"),
+        ("wait", "30"),
+        ("requests", "2"),
+        ("hold", "1"),
+    ] {
+        created.set_attr(k, v);
+    }
+    create.answer(Action::Respond(Body { element: created }));
+
+    // No features yet: the client polls.
+    let poll = next_request(&mut rx).await;
+    assert_eq!((poll.rid, poll.stanzas().len()), (rid0 + 1, 0));
+    assert_eq!(poll.body.element.attr("sid"), Some("s9"));
+    let mechanisms = Element::new("mechanisms", ns::SASL)
+        .with_child(Element::new("mechanism", ns::SASL).with_text("PLAIN"))
+        .with_child(Element::new("mechanism", ns::SASL).with_text("X-UNKNOWN"));
+    poll.answer(Action::Respond(Body {
+        element: body(vec![
+            Element::new("features", ns::STREAM).with_child(mechanisms),
+        ]),
+    }));
+
+    let auth = next_request(&mut rx).await;
+    assert_eq!(auth.rid, rid0 + 2);
+    let sasl = &auth.stanzas()[0];
+    assert!(sasl.is("auth", ns::SASL));
+    assert_eq!(sasl.attr("mechanism"), Some("PLAIN"));
+    assert_eq!(sasl.text(), "AGFsaWNlAHNlY3JldA=="); // base64 of "\0alice\0secret"
+    auth.respond(vec![Element::new("success", ns::SASL)]);
+
+    let restart = next_request(&mut rx).await;
+    assert_eq!(restart.rid, rid0 + 3);
+    assert_eq!(
+        restart.body.element.attr_ns(Some(ns::XBOSH), "restart"),
+        Some("true")
+    );
+    restart.respond(vec![
+        Element::new("features", ns::STREAM)
+            .with_child(Element::new("bind", ns::BIND))
+            .with_child(Element::new("session", ns::SESSION)),
+    ]);
+
+    let bind = next_request(&mut rx).await;
+    assert_eq!(bind.rid, rid0 + 4);
+    let iq = &bind.stanzas()[0];
+    let resource = iq
+        .child("bind", ns::BIND)
+        .and_then(|b| b.child("resource", ns::BIND));
+    assert_eq!(resource.map(Element::text).as_deref(), Some("desk"));
+    let id = iq.attr("id").unwrap().to_owned();
+    bind.respond(vec![
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", id)
+            .with_child(
+                Element::new("bind", ns::BIND)
+                    .with_child(Element::new("jid", ns::BIND).with_text("alice@example.test/desk")),
+            ),
+    ]);
+
+    let session = next_request(&mut rx).await;
+    assert_eq!(session.rid, rid0 + 5);
+    let iq = &session.stanzas()[0];
+    assert!(
+        iq.child("session", ns::SESSION).is_some(),
+        "required session iq not sent"
+    );
+    let id = iq.attr("id").unwrap().to_owned();
+    session.respond(vec![
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", id),
+    ]);
+
+    let s = login.await.unwrap().unwrap();
+    assert_eq!(s.jid.to_string(), "alice@example.test/desk");
+    assert_eq!((s.params.sid.as_str(), s.params.wait), ("s9", 30));
+    // The scheduler takes over with the next rid.
+    assert_eq!(next_request(&mut rx).await.rid, rid0 + 6);
+}
