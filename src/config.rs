@@ -26,6 +26,8 @@ pub struct Config {
     pub bosh_wait: u32,
     /// Resource asked for when logging a user in (kept across re-logins).
     pub resource: String,
+    /// Idle lifetime of a browser token.
+    pub token_ttl: Duration,
     /// Limits of SPEC §9.
     pub limits: Limits,
 }
@@ -53,6 +55,8 @@ pub struct Limits {
     pub upgrade_rate: u32,
     /// Stanzas buffered for a user while no page is attached.
     pub offline_buffer: usize,
+    /// How long an iq waits for its reply before the asker gets an error.
+    pub iq_timeout: Duration,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             state_file: None,
             bosh_wait: 60,
             resource: "boshmux".into(),
+            token_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
     }
@@ -85,6 +90,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             upgrade_rate: 200,
             offline_buffer: 1000,
+            iq_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -317,6 +323,7 @@ impl Config {
             }
             "grace" => self.grace = duration(value).map_err(bad)?,
             "state_file" => self.state_file = Some(PathBuf::from(value)),
+            "token_ttl" => self.token_ttl = duration(value).map_err(bad)?,
             "bosh_wait" => self.bosh_wait = number(value, 1, 120).map_err(bad)?,
             "resource" => {
                 if value.is_empty() || value.chars().any(char::is_control) {

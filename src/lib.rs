@@ -5,9 +5,17 @@
 //! - [`config`]: settings from file, environment and flags.
 //! - [`xmpp`]: element tree, strict parser, JIDs, namespaces, client SASL.
 //! - [`bosh`]: the upstream BOSH client that owns one user's session.
+//! - [`session`]: one actor per user: the upstream session, its pages, the multiplexing rules.
+//! - [`page`]: one WebSocket per page: RFC 7395 handshake, checks on what pages send.
+//! - [`http`]: the router, the handoff API and the WebSocket endpoint.
+//! - [`server`]: `boshmux serve`: build, run, stop.
 //! - [`fake_cm`]: a scriptable BOSH connection manager for tests and the demo.
 
 pub mod bosh;
 pub mod config;
 pub mod fake_cm;
+pub mod http;
+pub mod page;
+pub mod server;
+pub mod session;
 pub mod xmpp;

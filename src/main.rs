@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon.
+    Serve(Flags),
     /// Load and check the configuration, then print it with secrets hidden.
     CheckConfig(Flags),
 }
@@ -29,6 +31,20 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Serve(flags) => {
+            let cfg = Config::load(&flags, std::env::vars()).context("configuration")?;
+            let listen = cfg.listen;
+            let state = boshmux::server::build(cfg)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("listen on {listen}"))?;
+                tracing::info!(%listen, "serving");
+                boshmux::server::run(listener, state, stop_signal()).await?;
+                Ok(())
+            })
+        }
         Command::CheckConfig(flags) => {
             let cfg = Config::load(&flags, std::env::vars()).context("configuration")?;
             let mut shown = cfg;
@@ -39,4 +55,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stop requested");
 }

@@ -121,6 +121,14 @@ impl BoshHandle {
             .map_err(|_| BoshError::Closed)
     }
 
+    /// Queues one stanza without waiting; fails when the session's queue is full (or it ended).
+    /// For owners that must never block on upstream.
+    pub fn try_send(&self, stanza: Element) -> Result<(), BoshError> {
+        self.tx
+            .try_send(Command::Send(vec![stanza]))
+            .map_err(|_| BoshError::Closed)
+    }
+
     /// The session's counters. Commands are handled in order, so this also confirms that every
     /// stanza sent before it has been queued.
     pub async fn stats(&self) -> Result<Stats, BoshError> {

@@ -30,3 +30,13 @@ pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
 pub const PING: &str = "urn:xmpp:ping";
 /// Roster (RFC 6121).
 pub const ROSTER: &str = "jabber:iq:roster";
+/// XEP-0045 MUC join element.
+pub const MUC: &str = "http://jabber.org/protocol/muc";
+/// XEP-0045 MUC user element (occupant presence, status codes).
+pub const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+/// XEP-0280 carbons.
+pub const CARBONS: &str = "urn:xmpp:carbons:2";
+/// XEP-0297 forwarding.
+pub const FORWARD: &str = "urn:xmpp:forward:0";
+/// boshmux's own opt-in status notices (SPEC §6.8).
+pub const BOSHMUX_STATUS: &str = "urn:boshmux:status:0";

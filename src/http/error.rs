@@ -1,0 +1,60 @@
+//! The API's error type: a status and `{"error": "..."}`. Internal detail is logged where it
+//! happens; the message sent says what the caller can act on.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// An API failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Missing or wrong `Authorization: Bearer`.
+    #[error("missing or invalid api key")]
+    Unauthorized,
+    /// A browser reached the server-to-server API.
+    #[error("requests with an Origin header are refused: this API is for servers only")]
+    OriginRefused,
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such session.
+    #[error("no live session for {0}")]
+    NotFound(String),
+    /// A ticket that is unknown, used or expired.
+    #[error("ticket is invalid or expired")]
+    BadTicket,
+    /// The daemon is full.
+    #[error("the daemon holds its maximum number of user sessions")]
+    TooManyUsers,
+    /// The XMPP server refused the credentials.
+    #[error("login refused: {0}")]
+    LoginRefused(String),
+    /// The XMPP server could not be reached or failed.
+    #[error("upstream failure: {0}")]
+    Upstream(String),
+    /// The login did not finish in time.
+    #[error("upstream login timed out")]
+    Timeout,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::OriginRefused | ApiError::BadTicket => StatusCode::FORBIDDEN,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooManyUsers => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::LoginRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.to_string() });
+        (self.status(), Json(body)).into_response()
+    }
+}

@@ -1,0 +1,76 @@
+//! `GET /ws`: the checks made before a page's upgrade (SPEC §4) — origin allowlist, the `xmpp`
+//! subprotocol, the upgrade rate — and the cookie that lets a browser page use SASL EXTERNAL.
+
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::page::conn::{self, PageContext};
+use crate::xmpp::{Jid, Limits};
+
+/// The cookie the handoff sets.
+pub const COOKIE: &str = "boshmux_token";
+
+/// Upgrades a page's connection after the checks.
+pub async fn upgrade(State(st): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if let Some(o) = origin
+        && !st.config.allowed_origins.iter().any(|a| a == o)
+    {
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    let offers_xmpp = ws
+        .requested_protocols()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "xmpp");
+    if !offers_xmpp {
+        return (StatusCode::BAD_REQUEST, "the xmpp subprotocol is required (RFC 7395)\n").into_response();
+    }
+    if st.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "restarting\n").into_response();
+    }
+    if !st.allow_upgrade() {
+        return (StatusCode::TOO_MANY_REQUESTS, "too many connections, retry shortly\n").into_response();
+    }
+    // A cookie is a browser credential: it counts only from an allowed origin.
+    let cookie_user = origin.and_then(|_| cookie_token(&headers)).and_then(|t| st.registry.check_token(t));
+    let limits = &st.config.limits;
+    let ctx = PageContext {
+        registry: st.registry.clone(),
+        domain: st.config.xmpp_domain.clone().unwrap_or_default(),
+        limits: Limits {
+            max_bytes: limits.stanza_bytes,
+            ..Limits::PAGE
+        },
+        ping_interval: limits.ws_ping_interval,
+        dead_peer_timeout: limits.ws_dead_peer_timeout,
+        handshake_timeout: limits.handshake_timeout,
+        send_rate: limits.page_send_rate,
+        cookie_user: cookie_user.map(|j: Jid| j.to_bare()),
+        shutdown: st.shutdown.clone(),
+        page: st.next_page_id(),
+    };
+    let tracker = st.pages.clone();
+    // Frames somewhat over the stanza limit still arrive, so the page gets a proper stream error;
+    // far larger ones are cut off by the WebSocket layer before they are buffered whole.
+    let transport_limit = limits.stanza_bytes * 2;
+    ws.protocols(["xmpp"])
+        .max_message_size(transport_limit)
+        .max_frame_size(transport_limit)
+        .on_upgrade(move |socket| tracker.track_future(conn::run(socket, ctx)))
+}
+
+/// The `boshmux_token` cookie's value, if sent.
+fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v)
+}

@@ -1,0 +1,384 @@
+//! One page's WebSocket: the server side of the RFC 7395 handshake, then the relay between the
+//! socket and the user's session. A page only ever affects itself: its faults close its own
+//! socket, its slowness is bounded by its own queue.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{self, PageInput, Rejection};
+use crate::session::{AttachError, PageId, PageLink, PageOut, Registry, SessionHandle};
+use crate::xmpp::{self, Element, Jid, Limits, ns};
+
+/// Close codes (SPEC §4).
+const NORMAL: u16 = 1000;
+const GOING_AWAY: u16 = 1001;
+const POLICY: u16 = 1008;
+const RESTARTING: u16 = 1012;
+const TOO_MANY_PAGES: u16 = 4003;
+const LOST: u16 = 4004;
+
+/// Failed SASL attempts allowed before the stream is closed.
+const AUTH_ATTEMPTS: u32 = 3;
+
+/// Everything a page's task needs.
+pub struct PageContext {
+    /// The sessions and tokens.
+    pub registry: Arc<Registry>,
+    /// The XMPP domain pages must open their stream to.
+    pub domain: String,
+    /// Limits for frames from the page.
+    pub limits: Limits,
+    /// WebSocket ping interval.
+    pub ping_interval: Duration,
+    /// A page silent this long is closed.
+    pub dead_peer_timeout: Duration,
+    /// Time allowed from upgrade to bound resource.
+    pub handshake_timeout: Duration,
+    /// Stanzas per second a page may send (burst: twice that).
+    pub send_rate: u32,
+    /// The user of a valid `boshmux_token` cookie sent with the upgrade from an allowed origin.
+    pub cookie_user: Option<Jid>,
+    /// Cancelled when the daemon stops.
+    pub shutdown: CancellationToken,
+    /// This page's id.
+    pub page: PageId,
+}
+
+/// How a page's connection ends.
+enum Ending {
+    /// Close with this code (after `<close/>` when `stream_close`).
+    Close(u16, &'static str),
+    /// A stream error, `<close/>`, then close 1008.
+    StreamError(&'static str, String),
+    /// The socket is gone already.
+    Gone,
+}
+
+/// Runs a page's socket to the end.
+pub async fn run(mut ws: WebSocket, ctx: PageContext) {
+    let bound = tokio::select! {
+        r = tokio::time::timeout(ctx.handshake_timeout, handshake(&mut ws, &ctx)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(Ending::StreamError("connection-timeout", "handshake took too long".into())),
+        },
+        () = ctx.shutdown.cancelled() => Err(Ending::Close(RESTARTING, "daemon restarting")),
+    };
+    let ending = match bound {
+        Ok(b) => {
+            let session = b.session.clone();
+            let ending = relay(&mut ws, &ctx, b).await;
+            session.detach(ctx.page).await;
+            ending
+        }
+        Err(e) => e,
+    };
+    finish(&mut ws, ending, ctx.dead_peer_timeout).await;
+}
+
+async fn finish(ws: &mut WebSocket, ending: Ending, limit: Duration) {
+    let (code, reason, before) = match ending {
+        Ending::Gone => return,
+        Ending::Close(code, reason) => (code, reason.to_owned(), vec![frame::close()]),
+        Ending::StreamError(condition, text) => (
+            POLICY,
+            condition.to_owned(),
+            vec![frame::stream_error(condition, &text), frame::close()],
+        ),
+    };
+    let _ = tokio::time::timeout(limit, async {
+        for f in before {
+            ws.send(Message::Text(f.into())).await?;
+        }
+        ws.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await
+    })
+    .await;
+}
+
+struct Bound {
+    session: SessionHandle,
+    jid: Jid,
+    out: mpsc::UnboundedReceiver<PageOut>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The next text frame; pings and pongs are skipped, anything else ends the page.
+async fn next_text(ws: &mut WebSocket) -> Result<String, Ending> {
+    loop {
+        match ws.recv().await {
+            Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Binary(_))) => {
+                return Err(Ending::StreamError(
+                    "unsupported-encoding",
+                    "binary frames are not XMPP (RFC 7395 §3.2)".into(),
+                ));
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return Err(Ending::Gone),
+        }
+    }
+}
+
+async fn send_text(ws: &mut WebSocket, text: String) -> Result<(), Ending> {
+    ws.send(Message::Text(text.into())).await.map_err(|_| Ending::Gone)
+}
+
+fn parse_stream_level(text: &str, limits: &Limits) -> Result<Element, Ending> {
+    xmpp::parse(text.as_bytes(), limits)
+        .map_err(|e| Ending::StreamError("not-well-formed", e.to_string()))
+}
+
+/// Expects `<open/>` to our domain and answers it with `<open/>` and `features`.
+async fn open_stream(ws: &mut WebSocket, ctx: &PageContext, features: String) -> Result<(), Ending> {
+    let text = next_text(ws).await?;
+    let open = parse_stream_level(&text, &ctx.limits)?;
+    if !open.is("open", ns::FRAMING) {
+        return Err(Ending::StreamError("invalid-namespace", "expected <open/>".into()));
+    }
+    if !open.attr("to").is_some_and(|to| to.eq_ignore_ascii_case(&ctx.domain)) {
+        return Err(Ending::StreamError("host-unknown", format!("this service is {}", ctx.domain)));
+    }
+    if open.attr("version").is_some_and(|v| !v.starts_with("1.")) {
+        return Err(Ending::StreamError("unsupported-version", "version 1.0 is spoken here".into()));
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    send_text(ws, frame::open(&ctx.domain, &id)).await?;
+    send_text(ws, features).await
+}
+
+async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Ending> {
+    open_stream(ws, ctx, frame::sasl_features(ctx.cookie_user.is_some())).await?;
+    let mut failures = 0;
+    let (user, session) = loop {
+        let text = next_text(ws).await?;
+        let auth = parse_stream_level(&text, &ctx.limits)?;
+        if auth.is("abort", ns::SASL) {
+            send_text(ws, sasl_failure("aborted")).await?;
+            continue;
+        }
+        if !auth.is("auth", ns::SASL) {
+            return Err(Ending::StreamError("not-authorized", "authenticate first".into()));
+        }
+        match authenticate(ctx, &auth) {
+            Ok(found) => break found,
+            Err(condition) => {
+                failures += 1;
+                send_text(ws, sasl_failure(condition)).await?;
+                if failures >= AUTH_ATTEMPTS {
+                    return Err(Ending::StreamError("policy-violation", "too many failed authentications".into()));
+                }
+            }
+        }
+    };
+    send_text(ws, Element::new("success", ns::SASL).to_xml()).await?;
+    open_stream(ws, ctx, frame::bind_features()).await?;
+
+    let text = next_text(ws).await?;
+    let iq = parse_stream_level(&text, &ctx.limits)?;
+    let is_bind = iq.is("iq", ns::CLIENT)
+        && iq.attr("type") == Some("set")
+        && iq.child("bind", ns::BIND).is_some();
+    if !is_bind {
+        return Err(Ending::StreamError("not-authorized", "bind a resource first".into()));
+    }
+    let (tx, out) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let link = PageLink {
+        id: ctx.page,
+        tx,
+        queued: queued.clone(),
+    };
+    // The requested resource is ignored: every page shares the session's one full JID.
+    let jid = match session.attach(link).await {
+        Ok(jid) => jid,
+        Err(AttachError::TooManyPages) => return Err(Ending::Close(TOO_MANY_PAGES, "too many pages for this user")),
+        Err(AttachError::Gone) => return Err(Ending::Close(LOST, "session not available")),
+    };
+    tracing::debug!(user = %user, page = ctx.page, "page bound");
+    let mut result = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "result")
+        .with_attr("to", jid.to_string())
+        .with_child(
+            Element::new("bind", ns::BIND).with_child(Element::new("jid", ns::BIND).with_text(jid.to_string())),
+        );
+    if let Some(id) = iq.attr("id") {
+        result.set_attr("id", id);
+    }
+    if send_text(ws, result.to_xml()).await.is_err() {
+        session.detach(ctx.page).await;
+        return Err(Ending::Gone);
+    }
+    Ok(Bound {
+        session,
+        jid,
+        out,
+        queued,
+    })
+}
+
+/// Checks an `<auth/>`: PLAIN with a token as password, or EXTERNAL backed by the cookie.
+fn authenticate(ctx: &PageContext, auth: &Element) -> Result<(Jid, SessionHandle), &'static str> {
+    let payload = auth.text();
+    let payload = payload.trim();
+    let raw = if payload.is_empty() || payload == "=" {
+        Vec::new()
+    } else {
+        BASE64.decode(payload).map_err(|_| "incorrect-encoding")?
+    };
+    let raw = String::from_utf8(raw).map_err(|_| "incorrect-encoding")?;
+    let (authzid, user) = match auth.attr("mechanism") {
+        Some("PLAIN") => {
+            let mut parts = raw.splitn(3, '\0');
+            let (Some(authzid), Some(authcid), Some(token)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err("incorrect-encoding");
+            };
+            let user = ctx.registry.check_token(token).ok_or("not-authorized")?;
+            // The authcid names the account the token belongs to: localpart or bare JID.
+            if authcid != user.local().unwrap_or_default() && authcid != user.to_string() {
+                return Err("not-authorized");
+            }
+            (authzid.to_owned(), user)
+        }
+        Some("EXTERNAL") => {
+            let user = ctx.cookie_user.clone().ok_or("not-authorized")?;
+            (raw, user)
+        }
+        _ => return Err("invalid-mechanism"),
+    };
+    if !authzid.is_empty() && authzid != user.to_string() {
+        return Err("invalid-authzid");
+    }
+    let session = ctx.registry.get(&user).ok_or("not-authorized")?;
+    Ok((user, session))
+}
+
+fn sasl_failure(condition: &str) -> String {
+    Element::new("failure", ns::SASL)
+        .with_child(Element::new(condition, ns::SASL))
+        .to_xml()
+}
+
+/// A token bucket for a page's stanzas.
+struct Rate {
+    tokens: f64,
+    per_sec: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn new(per_sec: u32) -> Rate {
+        let per_sec = f64::from(per_sec.max(1));
+        Rate {
+            tokens: per_sec * 2.0,
+            per_sec,
+            burst: per_sec * 2.0,
+            at: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
+    let mut ping = tokio::time::interval(ctx.ping_interval);
+    ping.tick().await;
+    let mut heard = Instant::now();
+    let mut rate = Rate::new(ctx.send_rate);
+    loop {
+        tokio::select! {
+            incoming = ws.recv() => {
+                heard = Instant::now();
+                let text = match incoming {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Binary(_))) => {
+                        return Ending::StreamError("unsupported-encoding", "binary frames are not XMPP".into());
+                    }
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => return Ending::Gone,
+                };
+                let reply = match frame::read(&text, &ctx.limits, &b.jid) {
+                    Ok(PageInput::Close) => return Ending::Close(NORMAL, "closed by the page"),
+                    Ok(PageInput::Stanza(stanza)) => {
+                        if let Some(reply) = local_answer(&stanza, &b.jid) {
+                            Some(reply)
+                        } else if !rate.allow() {
+                            match frame::stanza_error(&stanza, "wait", "resource-constraint", "sending too fast") {
+                                Rejection::Stanza(r) => Some(r),
+                                _ => None,
+                            }
+                        } else {
+                            if !b.session.from_page(ctx.page, stanza).await {
+                                return Ending::Close(LOST, "session ended");
+                            }
+                            None
+                        }
+                    }
+                    Err(Rejection::Stanza(reply)) => Some(reply),
+                    Err(Rejection::Drop) => None,
+                    Err(Rejection::Stream { condition, text }) => return Ending::StreamError(condition, text),
+                };
+                if let Some(reply) = reply
+                    && send_text(ws, reply.to_xml()).await.is_err()
+                {
+                    return Ending::Gone;
+                }
+            }
+            out = b.out.recv() => match out {
+                Some(PageOut::Frame(f)) => {
+                    let len = f.len();
+                    let sent = tokio::time::timeout(ctx.dead_peer_timeout, ws.send(Message::Text(f.into_inner()))).await;
+                    b.queued.fetch_sub(len, Ordering::Relaxed);
+                    if !matches!(sent, Ok(Ok(()))) {
+                        return Ending::Gone;
+                    }
+                }
+                Some(PageOut::Close(code, reason)) => return Ending::Close(code, reason),
+                None => return Ending::Close(LOST, "session ended"),
+            },
+            _ = ping.tick() => {
+                if heard.elapsed() > ctx.dead_peer_timeout {
+                    return Ending::Close(GOING_AWAY, "no answer to pings");
+                }
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    return Ending::Gone;
+                }
+            }
+            () = ctx.shutdown.cancelled() => return Ending::Close(RESTARTING, "daemon restarting"),
+        }
+    }
+}
+
+/// Requests a page's own stream answers, without the session: the legacy session request.
+fn local_answer(stanza: &Element, jid: &Jid) -> Option<Element> {
+    let is_session = stanza.is("iq", ns::CLIENT)
+        && stanza.attr("type") == Some("set")
+        && stanza.child("session", ns::SESSION).is_some();
+    is_session.then(|| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", stanza.attr("id").unwrap_or_default())
+            .with_attr("to", jid.to_string())
+    })
+}

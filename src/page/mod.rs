@@ -1,0 +1,39 @@
+//! The page side: one WebSocket per page, speaking RFC 7395. [`frame`] checks what a page sends
+//! and builds stream-level frames; [`conn`] runs a page's socket: the handshake (SASL with a
+//! token, bind answered from memory) and then the relay between socket and session.
+
+pub mod conn;
+pub mod frame;
+
+use axum::extract::ws::Utf8Bytes;
+
+/// A text frame ready to write to any number of pages: serialized once, shared by reference.
+#[derive(Debug, Clone)]
+pub struct Frame(Utf8Bytes);
+
+impl Frame {
+    /// Its length in bytes (what it costs in a page's queue).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True for an empty frame.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub(crate) fn into_inner(self) -> Utf8Bytes {
+        self.0
+    }
+}
+
+impl From<String> for Frame {
+    fn from(s: String) -> Self {
+        Frame(Utf8Bytes::from(s))
+    }
+}

@@ -1,0 +1,76 @@
+//! `boshmux serve`: builds the daemon from its configuration, serves until told to stop, then
+//! stops in bounded time with every page task accounted for.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::bosh::{BoshClient, BoshConfig, BoshError};
+use crate::config::{Config, ConfigError};
+use crate::http::{self, AppState};
+use crate::session::Registry;
+use crate::session::registry::Settings;
+
+/// Longest a stop waits for pages to close and for upstream sessions to end, each.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why the daemon could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The configuration lacks what `serve` needs.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The upstream client could not be set up.
+    #[error(transparent)]
+    Upstream(#[from] BoshError),
+}
+
+/// The shared state of a daemon with `config`.
+pub fn build(config: Config) -> Result<AppState, SetupError> {
+    config.require_for_serve()?;
+    let mut bosh = BoshConfig::new(config.bosh_url.clone().unwrap_or_default());
+    bosh.wait = config.bosh_wait;
+    let client = BoshClient::new(bosh)?;
+    let limits = &config.limits;
+    let settings = Settings {
+        grace: config.grace,
+        token_ttl: config.token_ttl,
+        ticket_ttl: Duration::from_secs(60),
+        resource: config.resource.clone(),
+        max_users: limits.users,
+        pages_per_user: limits.pages_per_user,
+        page_queue_bytes: limits.page_queue_bytes,
+        offline_buffer: limits.offline_buffer,
+        iq_timeout: limits.iq_timeout,
+        relogin_attempts: 5,
+        relogin_backoff: Duration::from_secs(1),
+    };
+    let registry = Registry::new(settings, client);
+    Ok(AppState::new(config, registry))
+}
+
+/// Serves on `listener` until `stop` completes, then closes every page with 1012 and ends every
+/// upstream session.
+pub async fn run(listener: TcpListener, state: AppState, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let app = http::app(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stop.await;
+            shutdown.cancel();
+        })
+        .await?;
+    state.pages.close();
+    if tokio::time::timeout(STOP_LIMIT, state.pages.wait()).await.is_err() {
+        tracing::warn!(left = state.pages.len(), "pages still open after the stop limit");
+    }
+    let sessions = state.registry.all();
+    let count = sessions.len();
+    let stops = sessions.iter().map(|s| s.stop());
+    if tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(stops)).await.is_err() {
+        tracing::warn!("upstream sessions still ending after the stop limit");
+    }
+    tracing::info!(sessions = count, "stopped");
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! One user's session: the actor that owns the upstream BOSH session and the user's pages
+//! ([`actor`]), the multiplexing rules it applies ([`mux`]), and the registry of all sessions,
+//! tokens and tickets ([`registry`]). A [`SessionHandle`] is the cheap, cloneable way in.
+
+pub mod actor;
+pub mod mux;
+pub mod registry;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use mux::PageId;
+pub use registry::{Registry, RegistryError};
+
+use crate::page::Frame;
+use crate::xmpp::{Element, Jid};
+
+/// What the actor sends a page's task.
+#[derive(Debug)]
+pub enum PageOut {
+    /// A text frame to write.
+    Frame(Frame),
+    /// Close the socket with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// The actor's end of a page: where to write, and how much is queued there.
+#[derive(Debug)]
+pub struct PageLink {
+    /// The page.
+    pub id: PageId,
+    /// Frames for the page's task. Unbounded on purpose: the bound is `queued`, in bytes,
+    /// checked by the actor, which closes a page that falls behind instead of waiting for it.
+    pub tx: mpsc::UnboundedSender<PageOut>,
+    /// Bytes handed to the page's task and not yet written to its socket.
+    pub queued: Arc<AtomicUsize>,
+}
+
+/// Why a page could not attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// The user has the maximum number of pages open (close 4003).
+    #[error("too many pages for this user")]
+    TooManyPages,
+    /// The session is gone or cannot be restored (close 4004).
+    #[error("session is not available")]
+    Gone,
+}
+
+/// Where the session's login stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Logging in.
+    Connecting,
+    /// Live, bound to this full JID.
+    Ready(Jid),
+    /// The login failed; `auth` tells a refused password from other failures.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// The server refused the credentials.
+        auth: bool,
+    },
+}
+
+/// What the API and the status page show about a session (SPEC §3).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    /// Full JID once bound.
+    pub jid: Option<String>,
+    /// `connecting`, `live`, `retrying`, `reconnecting`, `ended`.
+    pub upstream: &'static str,
+    /// Pages attached now.
+    pub pages: usize,
+    /// When the session was created.
+    #[serde(serialize_with = "rfc3339")]
+    pub created: SystemTime,
+    /// Last stanza either way.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_activity: SystemTime,
+    /// Stanzas received from upstream.
+    pub stanzas_in: u64,
+    /// Stanzas sent upstream.
+    pub stanzas_out: u64,
+    /// Messages buffered while no page was attached.
+    pub buffered: u64,
+    /// Messages dropped because the buffer was full.
+    pub buffer_dropped: u64,
+    /// Pages closed for reading too slowly.
+    pub slow_pages: u64,
+    /// Times the upstream session was re-established.
+    pub relogins: u64,
+    /// Whether the session was attached (no password held).
+    pub attached: bool,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
+}
+
+impl SessionInfo {
+    fn new(attached: bool) -> Self {
+        let now = SystemTime::now();
+        SessionInfo {
+            jid: None,
+            upstream: "connecting",
+            pages: 0,
+            created: now,
+            last_activity: now,
+            stanzas_in: 0,
+            stanzas_out: 0,
+            buffered: 0,
+            buffer_dropped: 0,
+            slow_pages: 0,
+            relogins: 0,
+            attached,
+        }
+    }
+}
+
+pub(crate) enum Command {
+    Attach {
+        link: PageLink,
+        reply: oneshot::Sender<Result<Jid, AttachError>>,
+    },
+    FromPage {
+        page: PageId,
+        stanza: Element,
+    },
+    Detach {
+        page: PageId,
+    },
+    /// Logout (SPEC §3 DELETE): pages closed with 4001, upstream terminated.
+    Logout {
+        done: oneshot::Sender<()>,
+    },
+    /// Daemon stop: pages closed with 1012, upstream terminated.
+    Stop {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A cheap handle to one user's session actor.
+#[derive(Clone)]
+pub struct SessionHandle {
+    /// Unique per actor, so a stale handle never removes its successor from the registry.
+    pub id: u64,
+    /// The user.
+    pub bare: Jid,
+    tx: mpsc::Sender<Command>,
+    info: Arc<Mutex<SessionInfo>>,
+    ready: watch::Receiver<Readiness>,
+}
+
+impl SessionHandle {
+    /// A snapshot of what the session shows.
+    pub fn info(&self) -> SessionInfo {
+        self.info.lock().clone()
+    }
+
+    /// Waits until the login finished: the full JID, or why it failed.
+    pub async fn ready(&self) -> Readiness {
+        let mut rx = self.ready.clone();
+        let result = rx.wait_for(|r| !matches!(r, Readiness::Connecting)).await;
+        match result {
+            Ok(r) => r.clone(),
+            Err(_) => Readiness::Failed {
+                message: "session ended".into(),
+                auth: false,
+            },
+        }
+    }
+
+    /// Attaches a page; the answer is the session's full JID.
+    pub async fn attach(&self, link: PageLink) -> Result<Jid, AttachError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Attach { link, reply })
+            .await
+            .map_err(|_| AttachError::Gone)?;
+        rx.await.map_err(|_| AttachError::Gone)?
+    }
+
+    /// Hands a checked stanza from `page` to the session. Waits when the session is busy.
+    pub async fn from_page(&self, page: PageId, stanza: Element) -> bool {
+        self.tx.send(Command::FromPage { page, stanza }).await.is_ok()
+    }
+
+    /// The page is gone.
+    pub async fn detach(&self, page: PageId) {
+        let _ = self.tx.send(Command::Detach { page }).await;
+    }
+
+    /// Logs the user out: returns when the upstream session was terminated.
+    pub async fn logout(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Logout { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Stops the session for a daemon shutdown.
+    pub async fn stop(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Stop { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// True once the actor has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
