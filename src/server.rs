@@ -52,7 +52,11 @@ pub fn build(config: Config) -> Result<AppState, SetupError> {
 
 /// Serves on `listener` until `stop` completes, then closes every page with 1012 and ends every
 /// upstream session.
-pub async fn run(listener: TcpListener, state: AppState, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let shutdown = state.shutdown.clone();
     let app = http::app(state.clone());
     axum::serve(listener, app)
@@ -62,13 +66,22 @@ pub async fn run(listener: TcpListener, state: AppState, stop: impl Future<Outpu
         })
         .await?;
     state.pages.close();
-    if tokio::time::timeout(STOP_LIMIT, state.pages.wait()).await.is_err() {
-        tracing::warn!(left = state.pages.len(), "pages still open after the stop limit");
+    if tokio::time::timeout(STOP_LIMIT, state.pages.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.pages.len(),
+            "pages still open after the stop limit"
+        );
     }
     let sessions = state.registry.all();
     let count = sessions.len();
     let stops = sessions.iter().map(|s| s.stop());
-    if tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(stops)).await.is_err() {
+    if tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(stops))
+        .await
+        .is_err()
+    {
         tracing::warn!("upstream sessions still ending after the stop limit");
     }
     tracing::info!(sessions = count, "stopped");

@@ -26,7 +26,11 @@ pub fn routes(state: AppState) -> Router<AppState> {
 }
 
 /// Refuses browsers (any `Origin`) and requests without the right bearer key.
-async fn require_api_key(State(st): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_api_key(
+    State(st): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if req.headers().contains_key(header::ORIGIN) {
         return Err(ApiError::OriginRefused);
     }
@@ -37,7 +41,9 @@ async fn require_api_key(State(st): State<AppState>, req: Request, next: Next) -
         .and_then(|v| v.strip_prefix("Bearer "));
     let expected = st.config.api_key.as_deref().unwrap_or_default();
     match given {
-        Some(key) if !expected.is_empty() && constant_time_eq(key.as_bytes(), expected.as_bytes()) => {
+        Some(key)
+            if !expected.is_empty() && constant_time_eq(key.as_bytes(), expected.as_bytes()) =>
+        {
             Ok(next.run(req).await)
         }
         _ => Err(ApiError::Unauthorized),
@@ -75,7 +81,9 @@ async fn create(
     let jid = Jid::parse(&req.jid).map_err(|e| ApiError::BadRequest(format!("jid: {e}")))?;
     let domain = st.config.xmpp_domain.as_deref().unwrap_or_default();
     if jid.domain() != domain || jid.local().is_none() {
-        return Err(ApiError::BadRequest(format!("jid must be a user of {domain}")));
+        return Err(ApiError::BadRequest(format!(
+            "jid must be a user of {domain}"
+        )));
     }
     let bare = jid.to_bare();
     let creds = match (req.password, req.sid, req.rid) {
@@ -85,28 +93,44 @@ async fn create(
         },
         (None, Some(sid), Some(rid)) => {
             if jid.resource().is_none() {
-                return Err(ApiError::BadRequest("attach needs the full jid of the session".into()));
+                return Err(ApiError::BadRequest(
+                    "attach needs the full jid of the session".into(),
+                ));
             }
             if rid >= 1 << 53 {
                 return Err(ApiError::BadRequest("rid out of range".into()));
             }
             Credentials::Attach { jid, sid, rid }
         }
-        _ => return Err(ApiError::BadRequest("give either password, or sid and rid".into())),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either password, or sid and rid".into(),
+            ));
+        }
     };
-    let (session, created) = st.registry.get_or_create(&bare, creds).map_err(|e| match e {
-        RegistryError::TooManyUsers => ApiError::TooManyUsers,
-    })?;
+    let (session, created) = st
+        .registry
+        .get_or_create(&bare, creds)
+        .map_err(|e| match e {
+            RegistryError::TooManyUsers => ApiError::TooManyUsers,
+        })?;
     let limit = st.registry.client.config().timeouts.login + std::time::Duration::from_secs(5);
     let full = match tokio::time::timeout(limit, session.ready()).await {
         Ok(Readiness::Ready(full)) => full,
-        Ok(Readiness::Failed { message, auth: true }) => return Err(ApiError::LoginRefused(message)),
+        Ok(Readiness::Failed {
+            message,
+            auth: true,
+        }) => return Err(ApiError::LoginRefused(message)),
         Ok(Readiness::Failed { message, .. }) => return Err(ApiError::Upstream(message)),
         Ok(Readiness::Connecting) | Err(_) => return Err(ApiError::Timeout),
     };
     let (token, expires) = st.registry.issue_token(&bare);
     let ticket = st.registry.issue_ticket(&bare);
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
         status,
         Json(CreateResponse {
@@ -126,14 +150,22 @@ fn user(st: &AppState, jid: &str) -> Result<crate::session::SessionHandle, ApiEr
     let bare = Jid::parse(jid)
         .map_err(|e| ApiError::BadRequest(format!("jid: {e}")))?
         .to_bare();
-    st.registry.get(&bare).ok_or_else(|| ApiError::NotFound(bare.to_string()))
+    st.registry
+        .get(&bare)
+        .ok_or_else(|| ApiError::NotFound(bare.to_string()))
 }
 
-async fn show(State(st): State<AppState>, Path(jid): Path<String>) -> Result<Json<SessionInfo>, ApiError> {
+async fn show(
+    State(st): State<AppState>,
+    Path(jid): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
     Ok(Json(user(&st, &jid)?.info()))
 }
 
-async fn logout(State(st): State<AppState>, Path(jid): Path<String>) -> Result<StatusCode, ApiError> {
+async fn logout(
+    State(st): State<AppState>,
+    Path(jid): Path<String>,
+) -> Result<StatusCode, ApiError> {
     user(&st, &jid)?.logout().await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -154,9 +186,14 @@ pub async fn handoff(
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let next = q.next.unwrap_or_else(|| "/".into());
     if !safe_next(&next, &st.config.allowed_origins) {
-        return Err(ApiError::BadRequest("next must be a relative path or on an allowed origin".into()));
+        return Err(ApiError::BadRequest(
+            "next must be a relative path or on an allowed origin".into(),
+        ));
     }
-    let bare = st.registry.redeem_ticket(&q.ticket).ok_or(ApiError::BadTicket)?;
+    let bare = st
+        .registry
+        .redeem_ticket(&q.ticket)
+        .ok_or(ApiError::BadTicket)?;
     if st.registry.get(&bare).is_none() {
         return Err(ApiError::BadTicket);
     }
@@ -171,7 +208,10 @@ pub async fn handoff(
     );
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let h = resp.headers_mut();
-    h.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("token is URL-safe"));
+    h.insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("token is URL-safe"),
+    );
     h.insert(
         header::LOCATION,
         HeaderValue::from_str(&next).map_err(|_| ApiError::BadRequest("bad next".into()))?,
@@ -188,7 +228,7 @@ fn safe_next(next: &str, allowed: &[String]) -> bool {
     }
     reqwest::Url::parse(next).is_ok_and(|u| {
         let origin = u.origin().ascii_serialization();
-        allowed.iter().any(|a| *a == origin)
+        allowed.contains(&origin)
     })
 }
 

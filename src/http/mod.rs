@@ -85,7 +85,8 @@ impl Shared {
     }
 
     fn next_page_id(&self) -> u64 {
-        self.next_page.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_page
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -14,7 +14,11 @@ use crate::xmpp::{Jid, Limits};
 pub const COOKIE: &str = "boshmux_token";
 
 /// Upgrades a page's connection after the checks.
-pub async fn upgrade(State(st): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
     if let Some(o) = origin
         && !st.config.allowed_origins.iter().any(|a| a == o)
@@ -27,16 +31,26 @@ pub async fn upgrade(State(st): State<AppState>, headers: HeaderMap, ws: WebSock
         .flat_map(|v| v.split(','))
         .any(|p| p.trim() == "xmpp");
     if !offers_xmpp {
-        return (StatusCode::BAD_REQUEST, "the xmpp subprotocol is required (RFC 7395)\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "the xmpp subprotocol is required (RFC 7395)\n",
+        )
+            .into_response();
     }
     if st.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "restarting\n").into_response();
     }
     if !st.allow_upgrade() {
-        return (StatusCode::TOO_MANY_REQUESTS, "too many connections, retry shortly\n").into_response();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections, retry shortly\n",
+        )
+            .into_response();
     }
     // A cookie is a browser credential: it counts only from an allowed origin.
-    let cookie_user = origin.and_then(|_| cookie_token(&headers)).and_then(|t| st.registry.check_token(t));
+    let cookie_user = origin
+        .and_then(|_| cookie_token(&headers))
+        .and_then(|t| st.registry.check_token(t));
     let limits = &st.config.limits;
     let ctx = PageContext {
         registry: st.registry.clone(),

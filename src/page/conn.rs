@@ -131,7 +131,9 @@ async fn next_text(ws: &mut WebSocket) -> Result<String, Ending> {
 }
 
 async fn send_text(ws: &mut WebSocket, text: String) -> Result<(), Ending> {
-    ws.send(Message::Text(text.into())).await.map_err(|_| Ending::Gone)
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|_| Ending::Gone)
 }
 
 fn parse_stream_level(text: &str, limits: &Limits) -> Result<Element, Ending> {
@@ -140,17 +142,33 @@ fn parse_stream_level(text: &str, limits: &Limits) -> Result<Element, Ending> {
 }
 
 /// Expects `<open/>` to our domain and answers it with `<open/>` and `features`.
-async fn open_stream(ws: &mut WebSocket, ctx: &PageContext, features: String) -> Result<(), Ending> {
+async fn open_stream(
+    ws: &mut WebSocket,
+    ctx: &PageContext,
+    features: String,
+) -> Result<(), Ending> {
     let text = next_text(ws).await?;
     let open = parse_stream_level(&text, &ctx.limits)?;
     if !open.is("open", ns::FRAMING) {
-        return Err(Ending::StreamError("invalid-namespace", "expected <open/>".into()));
+        return Err(Ending::StreamError(
+            "invalid-namespace",
+            "expected <open/>".into(),
+        ));
     }
-    if !open.attr("to").is_some_and(|to| to.eq_ignore_ascii_case(&ctx.domain)) {
-        return Err(Ending::StreamError("host-unknown", format!("this service is {}", ctx.domain)));
+    if !open
+        .attr("to")
+        .is_some_and(|to| to.eq_ignore_ascii_case(&ctx.domain))
+    {
+        return Err(Ending::StreamError(
+            "host-unknown",
+            format!("this service is {}", ctx.domain),
+        ));
     }
     if open.attr("version").is_some_and(|v| !v.starts_with("1.")) {
-        return Err(Ending::StreamError("unsupported-version", "version 1.0 is spoken here".into()));
+        return Err(Ending::StreamError(
+            "unsupported-version",
+            "version 1.0 is spoken here".into(),
+        ));
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
     send_text(ws, frame::open(&ctx.domain, &id)).await?;
@@ -168,7 +186,10 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
             continue;
         }
         if !auth.is("auth", ns::SASL) {
-            return Err(Ending::StreamError("not-authorized", "authenticate first".into()));
+            return Err(Ending::StreamError(
+                "not-authorized",
+                "authenticate first".into(),
+            ));
         }
         match authenticate(ctx, &auth) {
             Ok(found) => break found,
@@ -176,7 +197,10 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
                 failures += 1;
                 send_text(ws, sasl_failure(condition)).await?;
                 if failures >= AUTH_ATTEMPTS {
-                    return Err(Ending::StreamError("policy-violation", "too many failed authentications".into()));
+                    return Err(Ending::StreamError(
+                        "policy-violation",
+                        "too many failed authentications".into(),
+                    ));
                 }
             }
         }
@@ -190,7 +214,10 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
         && iq.attr("type") == Some("set")
         && iq.child("bind", ns::BIND).is_some();
     if !is_bind {
-        return Err(Ending::StreamError("not-authorized", "bind a resource first".into()));
+        return Err(Ending::StreamError(
+            "not-authorized",
+            "bind a resource first".into(),
+        ));
     }
     let (tx, out) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -202,7 +229,12 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
     // The requested resource is ignored: every page shares the session's one full JID.
     let jid = match session.attach(link).await {
         Ok(jid) => jid,
-        Err(AttachError::TooManyPages) => return Err(Ending::Close(TOO_MANY_PAGES, "too many pages for this user")),
+        Err(AttachError::TooManyPages) => {
+            return Err(Ending::Close(
+                TOO_MANY_PAGES,
+                "too many pages for this user",
+            ));
+        }
         Err(AttachError::Gone) => return Err(Ending::Close(LOST, "session not available")),
     };
     tracing::debug!(user = %user, page = ctx.page, "page bound");
@@ -210,7 +242,8 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
         .with_attr("type", "result")
         .with_attr("to", jid.to_string())
         .with_child(
-            Element::new("bind", ns::BIND).with_child(Element::new("jid", ns::BIND).with_text(jid.to_string())),
+            Element::new("bind", ns::BIND)
+                .with_child(Element::new("jid", ns::BIND).with_text(jid.to_string())),
         );
     if let Some(id) = iq.attr("id") {
         result.set_attr("id", id);
@@ -240,7 +273,9 @@ fn authenticate(ctx: &PageContext, auth: &Element) -> Result<(Jid, SessionHandle
     let (authzid, user) = match auth.attr("mechanism") {
         Some("PLAIN") => {
             let mut parts = raw.splitn(3, '\0');
-            let (Some(authzid), Some(authcid), Some(token)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(authzid), Some(authcid), Some(token)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
                 return Err("incorrect-encoding");
             };
             let user = ctx.registry.check_token(token).ok_or("not-authorized")?;
@@ -290,7 +325,8 @@ impl Rate {
 
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec).min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec)
+            .min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

@@ -48,15 +48,29 @@ pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, R
     if let Some(to) = el.attr("to")
         && Jid::parse(to).is_err()
     {
-        return Err(stanza_error(&el, "modify", "jid-malformed", "invalid 'to' address"));
+        return Err(stanza_error(
+            &el,
+            "modify",
+            "jid-malformed",
+            "invalid 'to' address",
+        ));
     }
     let ty = el.attr("type");
     let ok_type = match el.name.as_str() {
-        "message" => matches!(ty, None | Some("chat" | "error" | "groupchat" | "headline" | "normal")),
+        "message" => matches!(
+            ty,
+            None | Some("chat" | "error" | "groupchat" | "headline" | "normal")
+        ),
         "presence" => matches!(
             ty,
             None | Some(
-                "error" | "probe" | "subscribe" | "subscribed" | "unavailable" | "unsubscribe" | "unsubscribed"
+                "error"
+                    | "probe"
+                    | "subscribe"
+                    | "subscribed"
+                    | "unavailable"
+                    | "unsubscribe"
+                    | "unsubscribed"
             )
         ),
         _ => matches!(ty, Some("get" | "set" | "result" | "error")),
@@ -66,7 +80,12 @@ pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, R
     }
     if el.name == "iq" {
         if el.attr("id").is_none_or(str::is_empty) {
-            return Err(stanza_error(&el, "modify", "bad-request", "an iq needs an 'id'"));
+            return Err(stanza_error(
+                &el,
+                "modify",
+                "bad-request",
+                "an iq needs an 'id'",
+            ));
         }
         let children = el.elements().count();
         if matches!(ty, Some("get" | "set")) && children != 1 {
@@ -84,7 +103,9 @@ pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, R
 /// Maps a parse failure to the RFC 6120 stream error condition a server would use.
 fn parse_rejection(e: ParseError) -> Rejection {
     let condition = match &e {
-        ParseError::TooLarge { .. } | ParseError::TooDeep(_) | ParseError::TooManyAttrs(_) => "policy-violation",
+        ParseError::TooLarge { .. } | ParseError::TooDeep(_) | ParseError::TooManyAttrs(_) => {
+            "policy-violation"
+        }
         ParseError::Doctype
         | ParseError::Comment
         | ParseError::ProcessingInstruction
@@ -212,46 +233,97 @@ mod tests {
             panic!("rejected")
         };
         assert_eq!(m.attr("from"), Some("alice@example.com/boshmux"));
-        assert_eq!(check("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>"), Ok(PageInput::Close));
+        assert_eq!(
+            check("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>"),
+            Ok(PageInput::Close)
+        );
     }
 
     #[test]
     fn unreadable_frames_are_stream_errors() {
         let cases: &[(&str, &str)] = &[
-            ("</body><body xmlns='http://jabber.org/protocol/httpbind'>", "not-well-formed"),
-            ("<message xmlns='jabber:client'/><message xmlns='jabber:client'/>", "not-well-formed"),
+            (
+                "</body><body xmlns='http://jabber.org/protocol/httpbind'>",
+                "not-well-formed",
+            ),
+            (
+                "<message xmlns='jabber:client'/><message xmlns='jabber:client'/>",
+                "not-well-formed",
+            ),
             ("<message xmlns='jabber:client'>", "not-well-formed"),
-            ("<!DOCTYPE m [<!ENTITY a 'aaaa'><!ENTITY b '&a;&a;'>]><message xmlns='jabber:client'>&b;</message>", "restricted-xml"),
-            ("<message xmlns='jabber:client'><!-- x --></message>", "restricted-xml"),
+            (
+                "<!DOCTYPE m [<!ENTITY a 'aaaa'><!ENTITY b '&a;&a;'>]><message xmlns='jabber:client'>&b;</message>",
+                "restricted-xml",
+            ),
+            (
+                "<message xmlns='jabber:client'><!-- x --></message>",
+                "restricted-xml",
+            ),
             ("<?x y?><message xmlns='jabber:client'/>", "restricted-xml"),
-            ("<message xmlns='jabber:client'>&lol;</message>", "restricted-xml"),
-            ("<message xmlns='jabber:client'>\u{7}</message>", "not-well-formed"),
-            ("<stream:stream xmlns:stream='http://etherx.jabber.org/streams'/>", "unsupported-stanza-type"),
-            ("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AA==</auth>", "unsupported-stanza-type"),
+            (
+                "<message xmlns='jabber:client'>&lol;</message>",
+                "restricted-xml",
+            ),
+            (
+                "<message xmlns='jabber:client'>\u{7}</message>",
+                "not-well-formed",
+            ),
+            (
+                "<stream:stream xmlns:stream='http://etherx.jabber.org/streams'/>",
+                "unsupported-stanza-type",
+            ),
+            (
+                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AA==</auth>",
+                "unsupported-stanza-type",
+            ),
             ("<enable xmlns='urn:xmpp:sm:3'/>", "unsupported-stanza-type"),
             ("<r xmlns='urn:xmpp:sm:3'/>", "unsupported-stanza-type"),
-            ("<body xmlns='http://jabber.org/protocol/httpbind' rid='1'/>", "unsupported-stanza-type"),
-            ("<message xmlns='jabber:server'/>", "unsupported-stanza-type"),
-            ("<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='example.com' version='1.0'/>", "unsupported-stanza-type"),
+            (
+                "<body xmlns='http://jabber.org/protocol/httpbind' rid='1'/>",
+                "unsupported-stanza-type",
+            ),
+            (
+                "<message xmlns='jabber:server'/>",
+                "unsupported-stanza-type",
+            ),
+            (
+                "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='example.com' version='1.0'/>",
+                "unsupported-stanza-type",
+            ),
         ];
         for (frame, condition) in cases {
-            assert!(stream(condition)(&check(frame)), "{frame:?}: {:?}", check(frame));
+            assert!(
+                stream(condition)(&check(frame)),
+                "{frame:?}: {:?}",
+                check(frame)
+            );
         }
     }
 
     #[test]
     fn limits_are_policy_violations() {
-        let deep = format!("<message xmlns='jabber:client'>{}{}</message>", "<x>".repeat(40), "</x>".repeat(40));
+        let deep = format!(
+            "<message xmlns='jabber:client'>{}{}</message>",
+            "<x>".repeat(40),
+            "</x>".repeat(40)
+        );
         assert!(stream("policy-violation")(&check(&deep)));
         let attrs: String = (0..70).map(|i| format!(" a{i}='1'")).collect();
-        assert!(stream("policy-violation")(&check(&format!("<message xmlns='jabber:client'{attrs}/>"))));
-        let big = format!("<message xmlns='jabber:client'><body>{}</body></message>", "x".repeat(300 * 1024));
+        assert!(stream("policy-violation")(&check(&format!(
+            "<message xmlns='jabber:client'{attrs}/>"
+        ))));
+        let big = format!(
+            "<message xmlns='jabber:client'><body>{}</body></message>",
+            "x".repeat(300 * 1024)
+        );
         assert!(stream("policy-violation")(&check(&big)));
     }
 
     #[test]
     fn faulty_stanzas_get_stanza_errors() {
-        let Err(Rejection::Stanza(reply)) = check("<iq xmlns='jabber:client' type='get' to='example.com'><ping xmlns='urn:xmpp:ping'/></iq>") else {
+        let Err(Rejection::Stanza(reply)) = check(
+            "<iq xmlns='jabber:client' type='get' to='example.com'><ping xmlns='urn:xmpp:ping'/></iq>",
+        ) else {
             panic!("iq without id accepted")
         };
         assert_eq!(
@@ -269,11 +341,22 @@ mod tests {
         ] {
             assert!(matches!(check(frame), Err(Rejection::Stanza(_))), "{frame}");
         }
-        let Err(Rejection::Stanza(reply)) = check("<message xmlns='jabber:client' to='a@b@c' id='m1'/>") else {
+        let Err(Rejection::Stanza(reply)) =
+            check("<message xmlns='jabber:client' to='a@b@c' id='m1'/>")
+        else {
             panic!("bad to accepted")
         };
-        assert!(reply.child("error", ns::CLIENT).unwrap().child("jid-malformed", ns::STANZAS).is_some());
-        assert_eq!(check("<iq xmlns='jabber:client' type='error'/>"), Err(Rejection::Drop));
+        assert!(
+            reply
+                .child("error", ns::CLIENT)
+                .unwrap()
+                .child("jid-malformed", ns::STANZAS)
+                .is_some()
+        );
+        assert_eq!(
+            check("<iq xmlns='jabber:client' type='error'/>"),
+            Err(Rejection::Drop)
+        );
     }
 
     #[test]
@@ -289,7 +372,12 @@ mod tests {
              </mechanism></mechanisms></stream:features>"
         );
         // What we send must itself parse back.
-        for f in [sasl_features(false), bind_features(), stream_error("policy-violation", "too big"), close()] {
+        for f in [
+            sasl_features(false),
+            bind_features(),
+            stream_error("policy-violation", "too big"),
+            close(),
+        ] {
             xmpp::parse(f.as_bytes(), &Limits::PAGE).unwrap();
         }
     }

@@ -30,7 +30,12 @@ const CLOSE_LOST: u16 = 4004;
 const HELD_WHILE_RECONNECTING: usize = 1000;
 
 /// Starts the actor for `bare`; it logs in at once.
-pub(crate) fn spawn(registry: Arc<Registry>, id: u64, bare: Jid, creds: Credentials) -> SessionHandle {
+pub(crate) fn spawn(
+    registry: Arc<Registry>,
+    id: u64,
+    bare: Jid,
+    creds: Credentials,
+) -> SessionHandle {
     let (tx, commands) = mpsc::channel(256);
     let attached = matches!(creds, Credentials::Attach { .. });
     let info = Arc::new(Mutex::new(SessionInfo::new(attached)));
@@ -98,7 +103,11 @@ impl Actor {
         };
         tracing::info!(user = %self.bare, "session established");
         let settings = &self.registry.settings;
-        let mut mux = Mux::new(session.jid.clone(), settings.offline_buffer, settings.iq_timeout);
+        let mut mux = Mux::new(
+            session.jid.clone(),
+            settings.offline_buffer,
+            settings.iq_timeout,
+        );
         // A new session waits for its first page at least as long as its ticket lives.
         self.grace_until = Some(Instant::now() + settings.grace.max(settings.ticket_ttl));
         {
@@ -124,7 +133,10 @@ impl Actor {
 
     async fn login(&self, resource: &str) -> Result<BoshSession, BoshError> {
         let _permit = self.registry.logins.acquire().await;
-        self.registry.client.connect(&self.creds, Some(resource)).await
+        self.registry
+            .client
+            .connect(&self.creds, Some(resource))
+            .await
     }
 
     async fn serve(&mut self, mut session: BoshSession, mux: &mut Mux) -> End {
@@ -254,7 +266,8 @@ impl Actor {
     /// Whether a lost upstream session is worth logging in again: only with a password, and not
     /// after a resource conflict (someone else took the resource; fighting would loop).
     fn may_relogin(&self, e: &BoshError) -> bool {
-        let conflict = matches!(e, BoshError::Terminated { stream_error: Some(s), .. } if s == "conflict");
+        let conflict =
+            matches!(e, BoshError::Terminated { stream_error: Some(s), .. } if s == "conflict");
         matches!(self.creds, Credentials::Password { .. }) && !conflict
     }
 
@@ -331,8 +344,12 @@ impl Actor {
                 }
                 Effect::ToPages { except, stanza } => {
                     let frame = Frame::from(stanza.to_xml());
-                    let targets: Vec<PageId> =
-                        self.pages.keys().copied().filter(|p| Some(*p) != except).collect();
+                    let targets: Vec<PageId> = self
+                        .pages
+                        .keys()
+                        .copied()
+                        .filter(|p| Some(*p) != except)
+                        .collect();
                     for page in targets {
                         self.send(page, frame.clone(), &mut slow);
                     }
@@ -348,7 +365,9 @@ impl Actor {
         }
         for page in slow {
             if let Some(link) = self.pages.get(&page) {
-                let _ = link.tx.send(PageOut::Close(CLOSE_SLOW, "page too slow to read"));
+                let _ = link
+                    .tx
+                    .send(PageOut::Close(CLOSE_SLOW, "page too slow to read"));
             }
             self.info.lock().slow_pages += 1;
             tracing::info!(user = %self.bare, page, "closing a page that fell behind");
@@ -357,7 +376,9 @@ impl Actor {
     }
 
     fn send(&self, page: PageId, frame: Frame, slow: &mut Vec<PageId>) {
-        let Some(link) = self.pages.get(&page) else { return };
+        let Some(link) = self.pages.get(&page) else {
+            return;
+        };
         let len = frame.len();
         let queued = link.queued.fetch_add(len, Ordering::Relaxed) + len;
         if queued > self.registry.settings.page_queue_bytes {

@@ -187,7 +187,10 @@ impl SessionHandle {
 
     /// Hands a checked stanza from `page` to the session. Waits when the session is busy.
     pub async fn from_page(&self, page: PageId, stanza: Element) -> bool {
-        self.tx.send(Command::FromPage { page, stanza }).await.is_ok()
+        self.tx
+            .send(Command::FromPage { page, stanza })
+            .await
+            .is_ok()
     }
 
     /// The page is gone.

@@ -171,7 +171,10 @@ impl Mux {
                 notices: false,
             },
         );
-        self.buffer.drain(..).map(|m| Effect::ToPage(page, m)).collect()
+        self.buffer
+            .drain(..)
+            .map(|m| Effect::ToPage(page, m))
+            .collect()
     }
 
     /// A page went away: rooms only it was in are left; requests only pages could answer are
@@ -256,7 +259,8 @@ impl Mux {
                 return vec![Effect::ToPage(page, reply)];
             }
         }
-        let roster_get = ty == "get" && to_self && payload.is_some_and(|p| p.is("query", ns::ROSTER));
+        let roster_get =
+            ty == "get" && to_self && payload.is_some_and(|p| p.is("query", ns::ROSTER));
         self.next_iq += 1;
         let new_id = format!("bmx{}", self.next_iq);
         self.out_iqs.insert(
@@ -292,8 +296,11 @@ impl Mux {
                 if !room.joined {
                     return Vec::new(); // join in flight: its answer reaches every page
                 }
-                let mut out: Vec<Effect> =
-                    room.occupants.values().map(|p| Effect::ToPage(page, p.clone())).collect();
+                let mut out: Vec<Effect> = room
+                    .occupants
+                    .values()
+                    .map(|p| Effect::ToPage(page, p.clone()))
+                    .collect();
                 if let Some(me) = &room.self_presence {
                     out.push(Effect::ToPage(page, me.clone()));
                 }
@@ -343,7 +350,12 @@ impl Mux {
         vec![Effect::Upstream(presence)]
     }
 
-    fn undirected_presence(&mut self, page: PageId, presence: Element, ty: Option<&str>) -> Vec<Effect> {
+    fn undirected_presence(
+        &mut self,
+        page: PageId,
+        presence: Element,
+        ty: Option<&str>,
+    ) -> Vec<Effect> {
         match ty {
             None => {
                 let initial = self.pages.get(&page).is_some_and(|p| !p.available);
@@ -352,13 +364,18 @@ impl Mux {
                 }
                 let mut out = Vec::new();
                 let known = self.shared_presence.is_some();
-                if self.shared_presence.as_ref().map(presence_key) != Some(presence_key(&presence)) {
+                if self.shared_presence.as_ref().map(presence_key) != Some(presence_key(&presence))
+                {
                     self.shared_presence = Some(presence.clone());
                     out.push(Effect::Upstream(presence));
                 }
                 if initial && known {
                     // The server sends contacts' presence only on the first initial presence.
-                    out.extend(self.presence.values().map(|p| Effect::ToPage(page, p.clone())));
+                    out.extend(
+                        self.presence
+                            .values()
+                            .map(|p| Effect::ToPage(page, p.clone())),
+                    );
                 }
                 out
             }
@@ -502,7 +519,12 @@ impl Mux {
             if self.pages.contains_key(&q.page) {
                 out.push(Effect::ToPage(
                     q.page,
-                    self.page_error(&q, "wait", "service-unavailable", "upstream session was reset"),
+                    self.page_error(
+                        &q,
+                        "wait",
+                        "service-unavailable",
+                        "upstream session was reset",
+                    ),
                 ));
             }
         }
@@ -544,7 +566,9 @@ impl Mux {
                         .with_attr("from", self.domain.clone())
                         .with_attr("to", self.me.to_string())
                         .with_attr("type", "headline")
-                        .with_child(Element::new("status", ns::BOSHMUX_STATUS).with_attr("state", state)),
+                        .with_child(
+                            Element::new("status", ns::BOSHMUX_STATUS).with_attr("state", state),
+                        ),
                 )
             })
             .collect()
@@ -575,11 +599,17 @@ impl Mux {
 
     /// Whether a reply from `from` may answer a request sent to `to`.
     fn sender_matches(&self, to: Option<&str>, from: Option<&str>) -> bool {
-        let norm = |s: &str| Jid::parse(s).map(|j| j.to_string()).unwrap_or_else(|_| s.to_owned());
+        let norm = |s: &str| {
+            Jid::parse(s)
+                .map(|j| j.to_string())
+                .unwrap_or_else(|_| s.to_owned())
+        };
         let from = from.map(norm);
         match to.map(norm) {
             // A request to our own account is answered by the server: no from, or our own JIDs.
-            None => from.is_none_or(|f| f == self.bare || f == self.me.to_string() || f == self.domain),
+            None => {
+                from.is_none_or(|f| f == self.bare || f == self.me.to_string() || f == self.domain)
+            }
             Some(t) if t == self.bare => from.is_none_or(|f| f == t),
             Some(t) => from.is_some_and(|f| f == t),
         }
@@ -609,13 +639,16 @@ impl Mux {
             return; // subscription traffic is not state
         }
         let unavailable = ty == Some("unavailable");
-        let is_self_in_room = presence
-            .child("x", ns::MUC_USER)
-            .is_some_and(|x| x.elements().any(|s| s.name == "status" && s.attr("code") == Some("110")));
+        let is_self_in_room = presence.child("x", ns::MUC_USER).is_some_and(|x| {
+            x.elements()
+                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
+        });
         if let Some(room) = self.room_of_mut(Some(&from)) {
             if is_self_in_room {
                 if unavailable {
-                    let room_jid = Jid::parse(&from).map(|j| j.to_bare().to_string()).unwrap_or_default();
+                    let room_jid = Jid::parse(&from)
+                        .map(|j| j.to_bare().to_string())
+                        .unwrap_or_default();
                     self.rooms.remove(&room_jid);
                 } else {
                     room.joined = true;
@@ -649,7 +682,9 @@ impl Mux {
             self.roster.ver = Some(ver.to_owned());
         }
         for item in query.elements().filter(|e| e.is("item", ns::ROSTER)) {
-            let Some(jid) = item.attr("jid") else { continue };
+            let Some(jid) = item.attr("jid") else {
+                continue;
+            };
             if item.attr("subscription") == Some("remove") {
                 self.roster.items.remove(jid);
             } else {
@@ -667,7 +702,10 @@ impl Mux {
 }
 
 fn to_all(stanza: Element) -> Effect {
-    Effect::ToPages { except: None, stanza }
+    Effect::ToPages {
+        except: None,
+        stanza,
+    }
 }
 
 /// `service-unavailable` for a request nobody can answer.
@@ -684,7 +722,8 @@ fn unavailable_reply(from: &str, id: &str, me: &Jid) -> Element {
 
 /// What makes two undirected presences the same for the shared presence: show, status, priority.
 fn presence_key(p: &Element) -> [Option<String>; 3] {
-    ["show", "status", "priority"].map(|n| p.child(n, ns::CLIENT).map(|c| c.text().trim().to_owned()))
+    ["show", "status", "priority"]
+        .map(|n| p.child(n, ns::CLIENT).map(|c| c.text().trim().to_owned()))
 }
 
 #[cfg(test)]
@@ -692,7 +731,11 @@ mod tests {
     use super::*;
 
     fn mux() -> Mux {
-        Mux::new(Jid::parse("alice@example.com/bm").unwrap(), 3, Duration::from_secs(30))
+        Mux::new(
+            Jid::parse("alice@example.com/bm").unwrap(),
+            3,
+            Duration::from_secs(30),
+        )
     }
 
     fn iq(ty: &str, id: &str, to: Option<&str>, payload: Element) -> Element {
@@ -724,7 +767,11 @@ mod tests {
         m.page_bound(2);
         let now = Instant::now();
         let q = Element::new("query", "jabber:iq:version");
-        let a = m.from_page(1, iq("get", "same", Some("bob@example.com/x"), q.clone()), now);
+        let a = m.from_page(
+            1,
+            iq("get", "same", Some("bob@example.com/x"), q.clone()),
+            now,
+        );
         let b = m.from_page(2, iq("get", "same", Some("bob@example.com/x"), q), now);
         let id_a = upstream_of(&a)[0].attr("id").unwrap().to_owned();
         let id_b = upstream_of(&b)[0].attr("id").unwrap().to_owned();
@@ -737,17 +784,28 @@ mod tests {
                 .with_attr("from", from)
         };
         // A spoofed sender is dropped and does not consume the pending request.
-        assert!(m.from_upstream(reply(&id_b, "mallory@example.com/x")).is_empty());
+        assert!(
+            m.from_upstream(reply(&id_b, "mallory@example.com/x"))
+                .is_empty()
+        );
         assert_eq!(m.stats().spoofed_replies, 1);
         let to_b = m.from_upstream(reply(&id_b, "bob@example.com/x"));
         assert_eq!(to_b.len(), 1);
-        let Effect::ToPage(2, r) = &to_b[0] else { panic!("{to_b:?}") };
+        let Effect::ToPage(2, r) = &to_b[0] else {
+            panic!("{to_b:?}")
+        };
         assert_eq!(r.attr("id"), Some("same"));
         // Answered once only.
-        assert!(m.from_upstream(reply(&id_b, "bob@example.com/x")).is_empty());
+        assert!(
+            m.from_upstream(reply(&id_b, "bob@example.com/x"))
+                .is_empty()
+        );
         // A request whose page is gone: the reply is dropped.
         m.page_gone(1);
-        assert!(m.from_upstream(reply(&id_a, "bob@example.com/x")).is_empty());
+        assert!(
+            m.from_upstream(reply(&id_a, "bob@example.com/x"))
+                .is_empty()
+        );
     }
 
     #[test]
@@ -755,12 +813,28 @@ mod tests {
         let mut m = mux();
         m.page_bound(7);
         let now = Instant::now();
-        m.from_page(7, iq("get", "p1", Some("example.com"), Element::new("ping", ns::PING)), now);
+        m.from_page(
+            7,
+            iq(
+                "get",
+                "p1",
+                Some("example.com"),
+                Element::new("ping", ns::PING),
+            ),
+            now,
+        );
         assert!(m.expire(now + Duration::from_secs(29)).is_empty());
         let out = m.expire(now + Duration::from_secs(31));
-        let Effect::ToPage(7, e) = &out[0] else { panic!("{out:?}") };
+        let Effect::ToPage(7, e) = &out[0] else {
+            panic!("{out:?}")
+        };
         assert_eq!((e.attr("id"), e.attr("type")), (Some("p1"), Some("error")));
-        assert!(e.child("error", ns::CLIENT).unwrap().child("remote-server-timeout", ns::STANZAS).is_some());
+        assert!(
+            e.child("error", ns::CLIENT)
+                .unwrap()
+                .child("remote-server-timeout", ns::STANZAS)
+                .is_some()
+        );
     }
 
     #[test]
@@ -806,16 +880,18 @@ mod tests {
     fn roster_pushes_are_acked_once_and_pages_acks_swallowed() {
         let mut m = mux();
         m.page_bound(1);
-        let push = Element::new("iq", ns::CLIENT)
-            .with_attr("type", "set")
-            .with_attr("id", "push1")
-            .with_child(
-                Element::new("query", ns::ROSTER)
-                    .with_child(Element::new("item", ns::ROSTER).with_attr("jid", "bob@example.com")),
-            );
+        let push =
+            Element::new("iq", ns::CLIENT)
+                .with_attr("type", "set")
+                .with_attr("id", "push1")
+                .with_child(Element::new("query", ns::ROSTER).with_child(
+                    Element::new("item", ns::ROSTER).with_attr("jid", "bob@example.com"),
+                ));
         let out = m.from_upstream(push);
         assert_eq!(upstream_of(&out).len(), 1);
-        let ack = Element::new("iq", ns::CLIENT).with_attr("type", "result").with_attr("id", "push1");
+        let ack = Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", "push1");
         assert!(m.from_page(1, ack, Instant::now()).is_empty());
     }
 }

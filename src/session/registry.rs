@@ -90,12 +90,21 @@ impl Registry {
 
     /// The live session of `bare`, if any.
     pub fn get(&self, bare: &Jid) -> Option<SessionHandle> {
-        self.sessions.lock().get(bare).filter(|h| !h.is_closed()).cloned()
+        self.sessions
+            .lock()
+            .get(bare)
+            .filter(|h| !h.is_closed())
+            .cloned()
     }
 
     /// Every live session.
     pub fn all(&self) -> Vec<SessionHandle> {
-        self.sessions.lock().values().filter(|h| !h.is_closed()).cloned().collect()
+        self.sessions
+            .lock()
+            .values()
+            .filter(|h| !h.is_closed())
+            .cloned()
+            .collect()
     }
 
     /// The session of `bare`: the live one (never a second upstream session), or a new one

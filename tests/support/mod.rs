@@ -1,6 +1,8 @@
 //! Shared test support: the Prosody started by `scripts/test`, and small waiting helpers.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
 
+pub mod daemon;
+
 use std::future::Future;
 use std::process::Command;
 use std::time::Duration;

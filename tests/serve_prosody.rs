@@ -1,0 +1,438 @@
+//! `boshmux serve` in front of the real Prosody: many pages, one upstream session, and the
+//! multiplexing rules of SPEC §6 as pages and other accounts see them. Each test uses its own
+//! group of accounts (see scripts/prosody.sh).
+
+mod support;
+
+use std::time::Duration;
+
+use boshmux::bosh::{BoshClient, BoshSession};
+use boshmux::xmpp::{Element, Jid, ns};
+use support::daemon::{Daemon, Page};
+use support::{Prosody, body_text, chat, eventually, go_online, next_message, prosody};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+async fn daemon(p: &Prosody) -> Daemon {
+    Daemon::start(&p.bosh, &p.domain, |_| {}).await
+}
+
+/// Another account, logged in directly over BOSH and online.
+async fn contact(p: &Prosody, user: &str) -> BoshSession {
+    let (jid, pw) = p.user(user);
+    let mut s = BoshClient::new(p.bosh_config())
+        .unwrap()
+        .login(&jid, &pw, Some("other"))
+        .await
+        .unwrap();
+    go_online(&mut s, LIMIT).await;
+    s
+}
+
+fn presence() -> Element {
+    Element::new("presence", ns::CLIENT)
+}
+
+/// Waits for an available presence from `from` (bare JID prefix) at a page.
+async fn sees_online(page: &mut Page, from: &str) {
+    page.next_where(|e| {
+        e.is("presence", ns::CLIENT)
+            && e.attr("type").is_none()
+            && e.attr("from").is_some_and(|f| f.starts_with(from))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn three_pages_bind_the_same_jid_over_one_upstream_session() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g08a", "pw-g08a").await;
+    assert_eq!(h.status, 201);
+    assert_eq!(h.jid, "g08a@localhost/boshmux");
+    let mut pages = Vec::new();
+    for _ in 0..3 {
+        pages.push(d.page("g08a", &h.token).await);
+    }
+    for page in &pages {
+        assert_eq!(page.jid, "g08a@localhost/boshmux");
+    }
+    // A second handoff reuses the live session.
+    let again = d.handoff("g08a", "pw-g08a").await;
+    assert_eq!(
+        (again.status, again.jid.as_str()),
+        (200, "g08a@localhost/boshmux")
+    );
+    assert_ne!(again.token, h.token);
+    pages.push(d.page("g08a", &again.token).await);
+    let (jid, _) = p.user("g08a");
+    assert_eq!(p.sessions_of(&jid), ["g08a@localhost/boshmux"]);
+    assert_eq!(d.info("g08a@localhost").await["pages"], 4);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_from_another_account_reaches_every_page_exactly_once() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g09a", "pw-g09a").await;
+    let mut pages = Vec::new();
+    for _ in 0..3 {
+        pages.push(d.page("g09a", &h.token).await);
+    }
+    pages[0].send(&presence()).await;
+    let b = contact(&p, "g09b").await;
+    for page in &mut pages {
+        sees_online(page, "g09b@localhost").await;
+    }
+    b.handle.send(chat("g09a@localhost", "one")).await.unwrap();
+    b.handle.send(chat("g09a@localhost", "two")).await.unwrap();
+    for page in &mut pages {
+        let first = page.next_message().await;
+        let second = page.next_message().await;
+        assert_eq!(
+            (body_text(&first).as_deref(), body_text(&second).as_deref()),
+            (Some("one"), Some("two")),
+            "each page gets each message once, in order"
+        );
+        assert_eq!(first.attr("from"), Some("g09b@localhost/other"));
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_pages_message_reaches_the_contact_once_and_the_other_pages_as_carbons() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g10a", "pw-g10a").await;
+    let mut p1 = d.page("g10a", &h.token).await;
+    let mut p2 = d.page("g10a", &h.token).await;
+    let mut p3 = d.page("g10a", &h.token).await;
+    p1.send(&presence()).await;
+    let mut b = contact(&p, "g10b").await;
+
+    p1.send(&chat("g10b@localhost", "from tab 1").with_attr("id", "m1"))
+        .await;
+    p1.send(&chat("g10b@localhost", "marker")).await;
+    let got = next_message(&mut b.events, LIMIT).await;
+    assert_eq!(body_text(&got).as_deref(), Some("from tab 1"));
+    assert_eq!(got.attr("from"), Some("g10a@localhost/boshmux"));
+    let next = next_message(&mut b.events, LIMIT).await;
+    assert_eq!(
+        body_text(&next).as_deref(),
+        Some("marker"),
+        "the contact got it once"
+    );
+
+    for page in [&mut p2, &mut p3] {
+        let carbon = page.next_where(|e| e.is("message", ns::CLIENT)).await;
+        assert_eq!(carbon.attr("from"), Some("g10a@localhost"));
+        assert_eq!(carbon.attr("to"), Some("g10a@localhost/boshmux"));
+        let inner = carbon
+            .child("sent", ns::CARBONS)
+            .and_then(|s| s.child("forwarded", ns::FORWARD))
+            .and_then(|f| f.child("message", ns::CLIENT))
+            .expect("a XEP-0280 sent carbon");
+        assert_eq!(body_text(inner).as_deref(), Some("from tab 1"));
+        assert_eq!(inner.attr("to"), Some("g10b@localhost"));
+        assert_eq!(inner.attr("from"), Some("g10a@localhost/boshmux"));
+    }
+    // The sender sees no carbon of its own message: its next message is the contact's reply.
+    b.handle
+        .send(chat("g10a@localhost/boshmux", "reply"))
+        .await
+        .unwrap();
+    let next = p1.next_where(|e| e.is("message", ns::CLIENT)).await;
+    assert_eq!(body_text(&next).as_deref(), Some("reply"));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn two_pages_using_the_same_iq_id_each_get_only_their_own_answer() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g11a", "pw-g11a").await;
+    let mut p1 = d.page("g11a", &h.token).await;
+    let mut p2 = d.page("g11a", &h.token).await;
+    let query = |ns_: &str| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "get")
+            .with_attr("id", "same-id")
+            .with_attr("to", "localhost")
+            .with_child(Element::new("query", ns_))
+    };
+    p1.send(&query("http://jabber.org/protocol/disco#info"))
+        .await;
+    p2.send(&query("http://jabber.org/protocol/disco#items"))
+        .await;
+    let r1 = p1.next_where(|e| e.is("iq", ns::CLIENT)).await;
+    let r2 = p2.next_where(|e| e.is("iq", ns::CLIENT)).await;
+    assert_eq!(
+        (r1.attr("id"), r2.attr("id")),
+        (Some("same-id"), Some("same-id"))
+    );
+    assert!(
+        r1.child("query", "http://jabber.org/protocol/disco#info")
+            .is_some(),
+        "{r1}"
+    );
+    assert!(
+        r2.child("query", "http://jabber.org/protocol/disco#items")
+            .is_some(),
+        "{r2}"
+    );
+    // Neither got the other's answer: a fresh round trip on each comes next.
+    p1.sync().await;
+    p2.sync().await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn unavailable_from_one_page_leaves_the_user_online_for_contacts() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g12a", "pw-g12a").await;
+    let mut p1 = d.page("g12a", &h.token).await;
+    let mut p2 = d.page("g12a", &h.token).await;
+    p1.send(&presence()).await;
+    p2.send(&presence()).await;
+    let mut b = contact(&p, "g12b").await;
+    // b sees a online.
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("presence", ns::CLIENT) && s.attr("from") == Some("g12a@localhost/boshmux") {
+            assert_eq!(s.attr("type"), None);
+            break;
+        }
+    }
+    p1.send(&presence().with_attr("type", "unavailable")).await;
+    p1.sync().await; // the unavailable was handled before anything p2 sends next
+    p2.send(&chat("g12b@localhost", "still here")).await;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") == Some("g12a@localhost/boshmux") {
+            assert!(
+                s.is("message", ns::CLIENT),
+                "contact saw {s} before the message"
+            );
+            assert_eq!(body_text(&s).as_deref(), Some("still here"));
+            break;
+        }
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_page_gets_contacts_presence_replayed() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g13a", "pw-g13a").await;
+    let mut p1 = d.page("g13a", &h.token).await;
+    let _b = contact(&p, "g13b").await;
+    p1.send(&presence()).await;
+    sees_online(&mut p1, "g13b@localhost").await;
+
+    let mut late = d.page("g13a", &h.token).await;
+    late.send(&presence()).await;
+    sees_online(&mut late, "g13b@localhost").await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn logout_closes_every_page_with_4001_and_revokes_the_token() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g17a", "pw-g17a").await;
+    let mut p1 = d.page("g17a", &h.token).await;
+    let mut p2 = d.page("g17a", &h.token).await;
+    let (status, _) = d
+        .api(
+            reqwest::Method::DELETE,
+            "/api/v1/sessions/g17a@localhost",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(p1.closed().await.code, 4001);
+    assert_eq!(p2.closed().await.code, 4001);
+    let mut again = Page::open(&d, &[]).await.unwrap();
+    let err = again.login_plain("g17a", &h.token).await.unwrap_err();
+    assert!(err.contains("not-authorized"), "{err}");
+    let (jid, _) = p.user("g17a");
+    eventually("the upstream session to end", LIMIT, || async {
+        p.sessions_of(&jid).is_empty().then_some(())
+    })
+    .await;
+    let (status, _) = d
+        .api(
+            reqwest::Method::GET,
+            "/api/v1/sessions/g17a@localhost",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn cookies_count_only_from_an_allowed_origin() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g18a", "pw-g18a").await;
+    let cookie = format!("boshmux_token={}", h.token);
+
+    // A foreign origin is refused before the upgrade.
+    let refused = Page::open(
+        &d,
+        &[("origin", "https://evil.example"), ("cookie", &cookie)],
+    )
+    .await;
+    assert_eq!(refused.err(), Some(403));
+
+    // From the allowed origin, the cookie offers EXTERNAL and EXTERNAL works.
+    let mut page = Page::open(
+        &d,
+        &[("origin", support::daemon::ORIGIN), ("cookie", &cookie)],
+    )
+    .await
+    .unwrap();
+    let features = page.open_stream().await;
+    assert_eq!(Page::mechanisms(&features), ["EXTERNAL", "PLAIN"]);
+    assert!(page.auth("EXTERNAL", "").await.is("success", ns::SASL));
+    assert_eq!(page.bind().await.unwrap(), "g18a@localhost/boshmux");
+
+    // Without an Origin header, a cookie is no credential.
+    let mut bare = Page::open(&d, &[("cookie", &cookie)]).await.unwrap();
+    let features = bare.open_stream().await;
+    assert_eq!(Page::mechanisms(&features), ["PLAIN"]);
+    let failure = bare.auth("EXTERNAL", "").await;
+    assert!(failure.is("failure", ns::SASL), "{failure}");
+
+    // The ticket redirect sets the cookie itself.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = http
+        .get(d.url(&format!("/handoff?ticket={}&next=/app", h.ticket)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 303);
+    assert_eq!(resp.headers()["location"], "/app");
+    let set = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.starts_with("boshmux_token=")
+            && set.contains("HttpOnly")
+            && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    let again = http
+        .get(d.url(&format!("/handoff?ticket={}&next=/app", h.ticket)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 403, "a ticket works once");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_refuses_browsers_and_wrong_keys() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let http = reqwest::Client::new();
+    let url = d.url("/api/v1/sessions");
+    let no_key = http.get(&url).send().await.unwrap();
+    assert_eq!(no_key.status().as_u16(), 401);
+    let wrong = http
+        .get(&url)
+        .bearer_auth("wrong-key-wrong-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let browser = http
+        .get(&url)
+        .bearer_auth(support::daemon::API_KEY)
+        .header("origin", support::daemon::ORIGIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(browser.status().as_u16(), 403);
+    let body: serde_json::Value = serde_json::from_slice(&browser.bytes().await.unwrap()).unwrap();
+    assert!(body["error"].as_str().unwrap().contains("Origin"));
+    let (status, body) = d
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": "g18b@localhost", "password": "wrong"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"],
+        "login refused: authentication failed: not-authorized"
+    );
+    let (status, _) = d
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": "nobody"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g19a", "pw-g19a").await;
+    let mut page = d.page("g19a", &h.token).await;
+    let enable = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "notices")
+        .with_child(Element::new("enable", ns::BOSHMUX_STATUS));
+    assert_eq!(page.iq(enable).await.attr("type"), Some("result"));
+    page.send(&presence()).await;
+    let mut b = contact(&p, "g19b").await;
+    sees_online(&mut page, "g19b@localhost").await;
+
+    p.shell("c2s:close('g19a@localhost/boshmux')");
+    let notice = |state: &'static str| {
+        move |e: &Element| {
+            e.child("status", ns::BOSHMUX_STATUS)
+                .is_some_and(|s| s.attr("state") == Some(state))
+        }
+    };
+    page.next_where(notice("reconnecting")).await;
+    page.next_where(notice("restored")).await;
+    let (jid, _) = p.user("g19a");
+    assert_eq!(
+        p.sessions_of(&jid),
+        ["g19a@localhost/boshmux"],
+        "same resource after re-login"
+    );
+    assert_eq!(d.info("g19a@localhost").await["relogins"], 1);
+    b.handle
+        .send(chat("g19a@localhost", "after the restore"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&page.next_message().await).as_deref(),
+        Some("after the restore")
+    );
+    page.send(&chat("g19b@localhost", "me too")).await;
+    assert_eq!(
+        body_text(&next_message(&mut b.events, LIMIT).await).as_deref(),
+        Some("me too")
+    );
+    d.stop().await;
+}
+
+/// Parses a JID for assertions.
+#[allow(dead_code)]
+fn jid(s: &str) -> Jid {
+    Jid::parse(s).unwrap()
+}
