@@ -436,3 +436,251 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
 fn jid(s: &str) -> Jid {
     Jid::parse(s).unwrap()
 }
+
+fn muc_join(room: &str, nick: &str) -> Element {
+    presence()
+        .with_attr("to", format!("{room}/{nick}"))
+        .with_child(
+            Element::new("x", ns::MUC)
+                .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
+        )
+}
+
+fn is_self_presence(e: &Element) -> bool {
+    e.is("presence", ns::CLIENT)
+        && e.child("x", ns::MUC_USER).is_some_and(|x| {
+            x.elements()
+                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
+        })
+}
+
+#[tokio::test]
+async fn a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let room = "g14room@conference.localhost";
+    // The contact is in the room first and watches who comes and goes.
+    let mut b = contact(&p, "g14b").await;
+    b.handle.send(muc_join(room, "bee")).await.unwrap();
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if is_self_presence(&s) {
+            break;
+        }
+    }
+    // A new room stays locked until configured: accept the defaults (an "instant room").
+    let instant = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "instant")
+        .with_attr("to", room)
+        .with_child(
+            Element::new("query", "http://jabber.org/protocol/muc#owner")
+                .with_child(Element::new("x", "jabber:x:data").with_attr("type", "submit")),
+        );
+    b.handle.send(instant).await.unwrap();
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("iq", ns::CLIENT) && s.attr("id") == Some("instant") {
+            assert_eq!(s.attr("type"), Some("result"), "{s}");
+            break;
+        }
+    }
+
+    let h = d.handoff("g14a", "pw-g14a").await;
+    let mut p1 = d.page("g14a", &h.token).await;
+    let mut p2 = d.page("g14a", &h.token).await;
+    p1.send(&muc_join(room, "ay")).await;
+    p1.next_where(is_self_presence).await;
+    p2.send(&muc_join(room, "ay")).await;
+    // The second page gets the room replayed: the other occupant and its own presence.
+    p2.next_where(|e| {
+        e.is("presence", ns::CLIENT) && e.attr("from") == Some(&format!("{room}/bee"))
+    })
+    .await;
+    p2.next_where(is_self_presence).await;
+
+    let from_ay = format!("{room}/ay");
+    let leave = presence()
+        .with_attr("to", format!("{room}/ay"))
+        .with_attr("type", "unavailable");
+    p1.send(&leave).await;
+    let gone = p1
+        .next_where(|e| e.attr("from") == Some(from_ay.as_str()))
+        .await;
+    assert_eq!(
+        gone.attr("type"),
+        Some("unavailable"),
+        "the leaving page sees itself leave"
+    );
+    p1.sync().await;
+    // The room still has us: a message from the other page goes through...
+    p2.send(&chat(room, "still in").with_attr("type", "groupchat"))
+        .await;
+    // ...and the watcher saw one join, no leave, then the message.
+    let mut joins = 0;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") != Some(from_ay.as_str()) {
+            continue;
+        }
+        if s.is("presence", ns::CLIENT) {
+            assert_ne!(
+                s.attr("type"),
+                Some("unavailable"),
+                "left upstream while a page was still in"
+            );
+            joins += 1;
+        } else if s.is("message", ns::CLIENT) {
+            assert_eq!(body_text(&s).as_deref(), Some("still in"));
+            break;
+        }
+    }
+    assert_eq!(joins, 1, "joined upstream exactly once");
+    // The last page leaves: now the room sees us go.
+    p2.send(&leave).await;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") == Some(from_ay.as_str()) && s.is("presence", ns::CLIENT) {
+            assert_eq!(s.attr("type"), Some("unavailable"));
+            break;
+        }
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn after_the_last_page_and_the_grace_period_the_user_goes_offline() {
+    let p = prosody();
+    let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_millis(300)).await;
+    let h = d.handoff("g15a", "pw-g15a").await;
+    let mut page = d.page("g15a", &h.token).await;
+    page.send(&presence()).await;
+    let mut b = contact(&p, "g15b").await;
+    sees_online(&mut page, "g15b@localhost").await;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") == Some("g15a@localhost/boshmux") && s.attr("type").is_none() {
+            break;
+        }
+    }
+    assert_eq!(page.close().await.code, 1000);
+    // After the grace period the contact sees the user go offline.
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") == Some("g15a@localhost/boshmux") {
+            assert_eq!(s.attr("type"), Some("unavailable"));
+            break;
+        }
+    }
+    let (jid, _) = p.user("g15a");
+    eventually("no upstream session", LIMIT, || async {
+        p.sessions_of(&jid).is_empty().then_some(())
+    })
+    .await;
+    eventually("the session gone from the API", LIMIT, || async {
+        let (status, _) = d
+            .api(
+                reqwest::Method::GET,
+                "/api/v1/sessions/g15a@localhost",
+                None,
+            )
+            .await;
+        (status == 404).then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_page_back_within_the_grace_period_gets_what_arrived_meanwhile_once_and_in_order() {
+    let p = prosody();
+    let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_secs(30)).await;
+    let h = d.handoff("g16a", "pw-g16a").await;
+    let mut page = d.page("g16a", &h.token).await;
+    page.send(&presence()).await;
+    let b = contact(&p, "g16b").await;
+    sees_online(&mut page, "g16b@localhost").await;
+    page.drop_connection().await; // a reload: no goodbye
+
+    eventually("the page to be gone", LIMIT, || async {
+        (d.info("g16a@localhost").await["pages"] == 0).then_some(())
+    })
+    .await;
+    for text in ["first", "second", "third"] {
+        b.handle.send(chat("g16a@localhost", text)).await.unwrap();
+    }
+    eventually("three buffered messages", LIMIT, || async {
+        (d.info("g16a@localhost").await["buffered"] == 3).then_some(())
+    })
+    .await;
+    let mut back = d.page("g16a", &h.token).await;
+    for want in ["first", "second", "third"] {
+        assert_eq!(body_text(&back.next_message().await).as_deref(), Some(want));
+    }
+    // Delivered once: another page sees none of them, only what comes next.
+    let mut other = d.page("g16a", &h.token).await;
+    b.handle
+        .send(chat("g16a@localhost", "fourth"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&other.next_message().await).as_deref(),
+        Some("fourth")
+    );
+    assert_eq!(
+        body_text(&back.next_message().await).as_deref(),
+        Some("fourth")
+    );
+    let (jid, _) = p.user("g16a");
+    assert_eq!(
+        p.sessions_of(&jid),
+        ["g16a@localhost/boshmux"],
+        "the same upstream session throughout"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn attach_hands_an_existing_bosh_session_to_pages_and_its_loss_is_4004() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let (jid, pw) = p.user("g21a");
+    // The web app logs in itself and hands over sid and rid, as for Strophe's attach().
+    let (full, sid, rid) = support::raw_login(&p.bosh, &jid, &pw, "webapp").await;
+    let (status, json) = d
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": full.to_string(), "sid": sid, "rid": rid})),
+        )
+        .await;
+    assert_eq!(status, 201, "{json}");
+    assert_eq!(json["jid"], "g21a@localhost/webapp");
+    let token = json["token"].as_str().unwrap().to_owned();
+    let mut page = d.page("g21a", &token).await;
+    assert_eq!(page.jid, "g21a@localhost/webapp");
+    page.send(&presence()).await;
+    let mut b = contact(&p, "g21b").await;
+    sees_online(&mut page, "g21b@localhost").await;
+    page.send(&chat("g21b@localhost", "from the attached session"))
+        .await;
+    assert_eq!(
+        body_text(&next_message(&mut b.events, LIMIT).await).as_deref(),
+        Some("from the attached session")
+    );
+    b.handle
+        .send(chat("g21a@localhost/webapp", "back"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&page.next_message().await).as_deref(),
+        Some("back")
+    );
+    assert_eq!(d.info("g21a@localhost").await["attached"], true);
+    assert_eq!(p.sessions_of(&jid), ["g21a@localhost/webapp"]);
+
+    // No password is held, so a lost session cannot be restored: pages are told 4004.
+    p.shell("c2s:close('g21a@localhost/webapp')");
+    assert_eq!(page.closed().await.code, 4004);
+    d.stop().await;
+}

@@ -302,6 +302,11 @@ impl Page {
         self.ws.send(Message::Text(text.into())).await.unwrap();
     }
 
+    /// Sends any WebSocket message (binary, raw frames) as it is.
+    pub async fn send_message(&mut self, msg: Message) {
+        self.ws.send(msg).await.unwrap();
+    }
+
     pub async fn send(&mut self, stanza: &Element) {
         self.send_raw(&stanza.to_xml()).await;
     }

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::process::Command;
 use std::time::Duration;
 
-use boshmux::bosh::{BoshConfig, BoshEvent, Timeouts};
+use boshmux::bosh::{Body, BoshConfig, BoshEvent, SessionParams, Timeouts};
 use boshmux::xmpp::{Element, Jid, ns};
 
 /// The Prosody that `scripts/test` runs for this test run.
@@ -164,4 +164,62 @@ pub async fn go_online(session: &mut boshmux::bosh::BoshSession, limit: Duration
             return;
         }
     }
+}
+
+/// Logs in with plain HTTP requests, the way a web app's own code hands a session to Strophe's
+/// `attach()`. Returns the full JID, sid and the next rid.
+pub async fn raw_login(url: &str, jid: &Jid, password: &str, resource: &str) -> (Jid, String, u64) {
+    let http = reqwest::Client::new();
+    let post = |body: Body| {
+        let http = http.clone();
+        async move {
+            let raw = http
+                .post(url)
+                .body(body.to_bytes())
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            Body::parse(&raw).unwrap()
+        }
+    };
+    let mut rid = 777_000;
+    let created = post(Body::create(rid, jid.domain(), 10, "en")).await;
+    let sid = SessionParams::from_body(&created).unwrap().sid;
+    rid += 1;
+    let plain = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("\0{}\0{password}", jid.local().unwrap()),
+    );
+    let auth = Element::new("auth", ns::SASL)
+        .with_attr("mechanism", "PLAIN")
+        .with_text(plain);
+    let answer = post(Body::request(rid, &sid, [auth])).await;
+    assert!(
+        answer.children().any(|c| c.is("success", ns::SASL)),
+        "{answer:?}"
+    );
+    rid += 1;
+    post(Body::restart(rid, &sid, jid.domain(), "en")).await;
+    rid += 1;
+    let bind = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "b1")
+        .with_child(
+            Element::new("bind", ns::BIND)
+                .with_child(Element::new("resource", ns::BIND).with_text(resource)),
+        );
+    let answer = post(Body::request(rid, &sid, [bind])).await;
+    let bound = answer
+        .children()
+        .find_map(|c| {
+            c.child("bind", ns::BIND)?
+                .child("jid", ns::BIND)
+                .map(Element::text)
+        })
+        .expect("bind result");
+    rid += 1;
+    (Jid::parse(&bound).unwrap(), sid, rid)
 }
