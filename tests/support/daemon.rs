@@ -42,12 +42,14 @@ pub struct Handoff {
 impl Daemon {
     /// Starts a daemon in front of `bosh_url`; `tune` adjusts the configuration.
     pub async fn start(bosh_url: &str, domain: &str, tune: impl FnOnce(&mut Config)) -> Daemon {
-        let mut cfg = Config::default();
-        cfg.bosh_url = Some(bosh_url.to_owned());
-        cfg.xmpp_domain = Some(domain.to_owned());
-        cfg.api_key = Some(API_KEY.to_owned());
-        cfg.allowed_origins = vec![ORIGIN.to_owned()];
-        cfg.bosh_wait = 10;
+        let mut cfg = Config {
+            bosh_url: Some(bosh_url.to_owned()),
+            xmpp_domain: Some(domain.to_owned()),
+            api_key: Some(API_KEY.to_owned()),
+            allowed_origins: vec![ORIGIN.to_owned()],
+            bosh_wait: 10,
+            ..Config::default()
+        };
         tune(&mut cfg);
         let state = boshmux::server::build(cfg).expect("daemon config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
