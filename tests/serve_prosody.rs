@@ -684,3 +684,136 @@ async fn attach_hands_an_existing_bosh_session_to_pages_and_its_loss_is_4004() {
     assert_eq!(page.closed().await.code, 4004);
     d.stop().await;
 }
+
+fn version_query(id: &str, to: &str) -> Element {
+    Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("id", id)
+        .with_attr("to", to)
+        .with_child(Element::new("query", "jabber:iq:version"))
+}
+
+#[tokio::test]
+async fn a_request_from_a_contact_goes_to_every_page_and_the_first_answer_wins() {
+    let p = prosody();
+    let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_secs(30)).await;
+    let h = d.handoff("g24a", "pw-g24a").await;
+    let mut p1 = d.page("g24a", &h.token).await;
+    let mut p2 = d.page("g24a", &h.token).await;
+    let mut b = contact(&p, "g24b").await;
+
+    b.handle
+        .send(version_query("v1", "g24a@localhost/boshmux"))
+        .await
+        .unwrap();
+    let is_query = |e: &Element| e.is("iq", ns::CLIENT) && e.attr("id") == Some("v1");
+    let q1 = p1.next_where(is_query).await;
+    let q2 = p2.next_where(is_query).await;
+    assert_eq!(q1.attr("from"), Some("g24b@localhost/other"));
+    let answer = |name: &str| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", "v1")
+            .with_attr("to", "g24b@localhost/other")
+            .with_child(
+                Element::new("query", "jabber:iq:version")
+                    .with_child(Element::new("name", "jabber:iq:version").with_text(name)),
+            )
+    };
+    assert_eq!(q2.attr("from"), Some("g24b@localhost/other"));
+    p2.send(&answer("tab two")).await;
+    p2.sync().await;
+    p1.send(&answer("tab one")).await;
+    p1.sync().await;
+    // Whatever a's session sent upstream in between reaches b before this marker.
+    p1.send(&chat("g24b@localhost", "marker")).await;
+    let mut answers = Vec::new();
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("iq", ns::CLIENT) && s.attr("id") == Some("v1") {
+            answers.push(
+                s.child("query", "jabber:iq:version")
+                    .unwrap()
+                    .elements()
+                    .next()
+                    .unwrap()
+                    .text(),
+            );
+        }
+        if body_text(&s).as_deref() == Some("marker") {
+            break;
+        }
+    }
+    assert_eq!(
+        answers,
+        ["tab two"],
+        "only the first page's answer goes upstream"
+    );
+
+    // With no page attached the daemon answers for the user.
+    p1.close().await;
+    p2.close().await;
+    support::eventually("no pages", LIMIT, || async {
+        (d.info("g24a@localhost").await["pages"] == 0).then_some(())
+    })
+    .await;
+    b.handle
+        .send(version_query("v3", "g24a@localhost/boshmux"))
+        .await
+        .unwrap();
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("id") == Some("v3") {
+            assert_eq!(s.attr("type"), Some("error"));
+            assert!(
+                s.child("error", ns::CLIENT)
+                    .unwrap()
+                    .child("service-unavailable", ns::STANZAS)
+                    .is_some(),
+                "{s}"
+            );
+            break;
+        }
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_pages_roster_request_is_answered_from_the_cache() {
+    let p = prosody();
+    let d = daemon(&p).await;
+    let h = d.handoff("g13c", "pw-g13c").await;
+    let mut p1 = d.page("g13c", &h.token).await;
+    let mut p2 = d.page("g13c", &h.token).await;
+    let roster_get = |id: &str| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "get")
+            .with_attr("id", id)
+            .with_child(Element::new("query", ns::ROSTER))
+    };
+    let items = |r: &Element| -> Vec<String> {
+        let mut v: Vec<String> = r
+            .child("query", ns::ROSTER)
+            .unwrap()
+            .elements()
+            .filter_map(|i| i.attr("jid").map(str::to_owned))
+            .collect();
+        v.sort();
+        v
+    };
+    let first = p1.iq(roster_get("r1")).await;
+    assert_eq!(
+        items(&first),
+        ["g13a@localhost", "g13b@localhost", "g13d@localhost"]
+    );
+    let sent_before = d.info("g13c@localhost").await["stanzas_out"].clone();
+    let second = p2.iq(roster_get("r2")).await;
+    assert_eq!(second.attr("id"), Some("r2"));
+    assert_eq!(items(&second), items(&first));
+    assert_eq!(
+        d.info("g13c@localhost").await["stanzas_out"],
+        sent_before,
+        "answered without asking upstream"
+    );
+    d.stop().await;
+}

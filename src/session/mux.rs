@@ -877,6 +877,27 @@ mod tests {
     }
 
     #[test]
+    fn server_pings_are_answered_by_the_daemon() {
+        let mut m = mux();
+        m.page_bound(1);
+        let ping = Element::new("iq", ns::CLIENT)
+            .with_attr("type", "get")
+            .with_attr("id", "p9")
+            .with_attr("from", "example.com")
+            .with_attr("to", "alice@example.com/bm")
+            .with_child(Element::new("ping", ns::PING));
+        let out = m.from_upstream(ping);
+        assert_eq!(out.len(), 1, "pages never see it");
+        let Effect::Upstream(pong) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            pong.to_xml(),
+            "<iq xmlns=\"jabber:client\" type=\"result\" id=\"p9\" to=\"example.com\" from=\"alice@example.com/bm\"/>"
+        );
+    }
+
+    #[test]
     fn roster_pushes_are_acked_once_and_pages_acks_swallowed() {
         let mut m = mux();
         m.page_bound(1);
