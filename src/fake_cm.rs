@@ -4,7 +4,10 @@
 //! is handed to the test, which decides the answer — a body, an HTTP status, or a dropped
 //! connection — and when to give it.
 //!
-//! It is not an XMPP server: no rosters, no presence broadcast, no persistence.
+//! With [`FakeCmConfig::everyone_is_a_contact`] and an echo bot it is also the embedded server of
+//! `boshmux demo`: fixed rosters, presence broadcast between online accounts, routing of messages
+//! and iqs, and a bot that answers. It is a demo and test aid, not an XMPP server: no persistence,
+//! no subscriptions, no MUC, no TLS, nothing of RFC 6120 beyond what a demo needs.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -35,6 +38,11 @@ pub struct FakeCmConfig {
     pub requests: u32,
     /// Longest `wait` granted.
     pub max_wait: u32,
+    /// Every account has every other one (and the echo bot) in its roster, subscription `both`,
+    /// with presence broadcast between them: the demo's small social network.
+    pub everyone_is_a_contact: bool,
+    /// Localpart of a bot that is always online and answers each message with `echo: <body>`.
+    pub echo_bot: Option<String>,
 }
 
 impl Default for FakeCmConfig {
@@ -44,6 +52,8 @@ impl Default for FakeCmConfig {
             users: HashMap::new(),
             requests: 2,
             max_wait: 60,
+            everyone_is_a_contact: false,
+            echo_bot: None,
         }
     }
 }
@@ -145,6 +155,8 @@ struct Session {
     held: Option<oneshot::Sender<Vec<Element>>>,
     /// Every stanza the client sent after login.
     received: Vec<Element>,
+    /// The session's current undirected presence, once available.
+    available: Option<Element>,
 }
 
 impl FakeCm {
@@ -224,21 +236,25 @@ impl FakeCm {
             .unwrap_or_default()
     }
 
-    /// Delivers `stanza` to every session of the user `bare` (as if routed by a server).
-    /// Returns how many sessions got it.
-    pub fn push(&self, bare: &str, stanza: Element) -> usize {
+    /// Delivers `stanza` to every session of `to` (a bare JID) or to one session (a full JID),
+    /// as if routed by a server. Returns how many sessions got it.
+    pub fn push(&self, to: &str, stanza: Element) -> usize {
         let mut st = self.shared.state.lock();
-        deliver(&mut st, bare, &stanza)
+        deliver(&mut st, to, &stanza)
     }
 }
 
-fn deliver(st: &mut State, bare: &str, stanza: &Element) -> usize {
+/// Delivers `stanza` to the sessions of `to`: every session of a bare JID, or the one full JID.
+fn deliver(st: &mut State, to: &str, stanza: &Element) -> usize {
     let mut n = 0;
     for s in st.sessions.values_mut() {
-        if s.jid
-            .as_ref()
-            .is_some_and(|j| j.to_bare().to_string() == bare)
-        {
+        let Some(jid) = &s.jid else { continue };
+        let hit = if to.contains('/') {
+            jid.to_string() == to
+        } else {
+            jid.to_bare().to_string() == to
+        };
+        if hit {
             s.pending.push_back(stanza.clone());
             if let Some(h) = s.held.take() {
                 let _ = h.send(s.pending.drain(..).collect());
@@ -376,7 +392,12 @@ async fn automatic(shared: &Shared, body: Body) -> Body {
             if let Some(h) = session.held.take() {
                 drop(h);
             }
-            st.sessions.remove(&sid);
+            let gone = st.sessions.remove(&sid);
+            if let Some(jid) = gone.and_then(|s| s.available.and(s.jid)) {
+                let unavailable =
+                    Element::new("presence", ns::CLIENT).with_attr("type", "unavailable");
+                broadcast_presence(cfg, &mut st, &jid, &unavailable);
+            }
             return terminate_body(None);
         }
         if el.attr_ns(Some(ns::XBOSH), "restart") == Some("true") {
@@ -395,8 +416,8 @@ async fn automatic(shared: &Shared, body: Body) -> Body {
                 routed.push(out);
             }
         }
-        for (to, stanza) in routed {
-            deliver(&mut st, &to, &stanza);
+        for stanza in routed {
+            route(cfg, &mut st, &sid, stanza);
         }
         let session = st.sessions.get_mut(&sid).expect("present above");
         // hold=1: a new request releases the one held before it.
@@ -435,6 +456,7 @@ fn create(shared: &Shared, el: &Element) -> Body {
             pending: VecDeque::new(),
             held: None,
             received: Vec::new(),
+            available: None,
         },
     );
     let mut body = Element::new("body", ns::HTTPBIND)
@@ -456,8 +478,9 @@ fn create(shared: &Shared, el: &Element) -> Body {
     Body { element: body }
 }
 
-/// Handles one element from a client; returns a stanza to route to another user, if any.
-fn process(cfg: &FakeCmConfig, s: &mut Session, stanza: Element) -> Option<(String, Element)> {
+/// Handles login and requests to the server itself; returns any other stanza (its `from` set)
+/// for [`route`].
+fn process(cfg: &FakeCmConfig, s: &mut Session, stanza: Element) -> Option<Element> {
     if stanza.is("auth", ns::SASL) {
         let ok = stanza.attr("mechanism") == Some("PLAIN")
             && BASE64
@@ -499,21 +522,152 @@ fn process(cfg: &FakeCmConfig, s: &mut Session, stanza: Element) -> Option<(Stri
     }
     let jid = s.jid.clone()?;
     s.received.push(stanza.clone());
+    let to_server = stanza
+        .attr("to")
+        .is_none_or(|t| t == cfg.domain || t == jid.to_bare().to_string());
     if stanza.is("iq", ns::CLIENT)
-        && stanza.attr("to").is_none()
+        && to_server
         && matches!(stanza.attr("type"), Some("get" | "set"))
     {
-        // Requests to the server itself (session, ping, …) succeed with an empty result.
-        s.pending.push_back(
-            Element::new("iq", ns::CLIENT)
-                .with_attr("type", "result")
-                .with_attr("id", stanza.attr("id").unwrap_or_default())
-                .with_attr("to", jid.to_string()),
-        );
+        // Requests to the server itself: the roster, or an empty result (session, ping, …).
+        let mut result = Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", stanza.attr("id").unwrap_or_default())
+            .with_attr("to", jid.to_string());
+        if let Some(to) = stanza.attr("to") {
+            result.set_attr("from", to); // the server answers from the address asked
+        }
+        if stanza.child("query", ns::ROSTER).is_some() && stanza.attr("type") == Some("get") {
+            let mut query = Element::new("query", ns::ROSTER);
+            for contact in contacts(cfg, jid.local().unwrap_or_default()) {
+                query.push_child(
+                    Element::new("item", ns::ROSTER)
+                        .with_attr("jid", format!("{contact}@{}", cfg.domain))
+                        .with_attr("subscription", "both")
+                        .with_attr("name", contact),
+                );
+            }
+            result.push_child(query);
+        }
+        s.pending.push_back(result);
         return None;
     }
-    let to = Jid::parse(stanza.attr("to")?).ok()?;
     let mut routed = stanza;
     routed.set_attr("from", jid.to_string());
-    Some((to.to_bare().to_string(), routed))
+    Some(routed)
+}
+
+/// The localparts in `user`'s roster.
+fn contacts(cfg: &FakeCmConfig, user: &str) -> Vec<String> {
+    if !cfg.everyone_is_a_contact {
+        return Vec::new();
+    }
+    let mut all: Vec<String> = cfg.users.keys().filter(|u| *u != user).cloned().collect();
+    all.extend(cfg.echo_bot.clone());
+    all.sort();
+    all
+}
+
+/// Routes a stanza from session `sid` (its `from` already set): presence to contacts, the echo
+/// bot's answers, everything else to its addressee.
+fn route(cfg: &FakeCmConfig, st: &mut State, sid: &str, stanza: Element) {
+    let Some(from) = stanza.attr("from").and_then(|f| Jid::parse(f).ok()) else {
+        return;
+    };
+    let Some(to) = stanza.attr("to").map(str::to_owned) else {
+        if stanza.is("presence", ns::CLIENT) {
+            undirected_presence(cfg, st, sid, &from, stanza);
+        }
+        return;
+    };
+    let to_bare = Jid::parse(&to)
+        .map(|j| j.to_bare().to_string())
+        .unwrap_or_default();
+    if let Some(bot) = &cfg.echo_bot
+        && to_bare == format!("{bot}@{}", cfg.domain)
+    {
+        if stanza.is("message", ns::CLIENT)
+            && let Some(body) = stanza.child("body", ns::CLIENT)
+        {
+            let mut reply = Element::new("message", ns::CLIENT)
+                .with_attr("from", format!("{to_bare}/bot"))
+                .with_attr("to", from.to_string())
+                .with_attr("type", stanza.attr("type").unwrap_or("chat"))
+                .with_child(
+                    Element::new("body", ns::CLIENT).with_text(format!("echo: {}", body.text())),
+                );
+            if let Some(id) = stanza.attr("id") {
+                reply.set_attr("id", format!("echo-{id}"));
+            }
+            deliver(st, &from.to_string(), &reply);
+        }
+        return;
+    }
+    deliver(st, &to, &stanza);
+}
+
+fn undirected_presence(
+    cfg: &FakeCmConfig,
+    st: &mut State,
+    sid: &str,
+    from: &Jid,
+    presence: Element,
+) {
+    let available = presence.attr("type").is_none();
+    let initial = match st.sessions.get_mut(sid) {
+        Some(s) => {
+            let initial = available && s.available.is_none();
+            s.available = available.then(|| presence.clone());
+            initial
+        }
+        None => return,
+    };
+    broadcast_presence(cfg, st, from, &presence);
+    if !initial {
+        return;
+    }
+    // The new session learns who is online: contacts' sessions, its own others, and the bot.
+    let user = from.local().unwrap_or_default();
+    let mut known: Vec<Element> = st
+        .sessions
+        .iter()
+        .filter(|(other, _)| other.as_str() != sid)
+        .filter_map(|(_, s)| Some((s.jid.clone()?, s.available.clone()?)))
+        .filter(|(jid, _)| {
+            let local = jid.local().unwrap_or_default();
+            local == user || contacts(cfg, user).iter().any(|c| c == local)
+        })
+        .map(|(jid, p)| {
+            p.with_attr("from", jid.to_string())
+                .with_attr("to", from.to_string())
+        })
+        .collect();
+    if let Some(bot) = &cfg.echo_bot
+        && cfg.everyone_is_a_contact
+    {
+        known.push(
+            Element::new("presence", ns::CLIENT)
+                .with_attr("from", format!("{bot}@{}/bot", cfg.domain))
+                .with_attr("to", from.to_string())
+                .with_child(Element::new("status", ns::CLIENT).with_text("I repeat what you say")),
+        );
+    }
+    if let Some(s) = st.sessions.get_mut(sid) {
+        s.pending.extend(known);
+    }
+}
+
+/// Sends `presence` of `from` to its contacts' sessions and its own sessions (itself included).
+fn broadcast_presence(cfg: &FakeCmConfig, st: &mut State, from: &Jid, presence: &Element) {
+    let user = from.local().unwrap_or_default().to_owned();
+    let mut targets = contacts(cfg, &user);
+    targets.push(user);
+    for t in targets {
+        let to = format!("{t}@{}", cfg.domain);
+        let p = presence
+            .clone()
+            .with_attr("from", from.to_string())
+            .with_attr("to", to.clone());
+        deliver(st, &to, &p);
+    }
 }

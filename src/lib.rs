@@ -8,13 +8,17 @@
 //! - [`session`]: one actor per user: the upstream session, its pages, the multiplexing rules.
 //! - [`page`]: one WebSocket per page: RFC 7395 handshake, checks on what pages send.
 //! - [`http`]: the router, the handoff API and the WebSocket endpoint.
+//! - [`metrics`]: counters and histograms for `GET /metrics`.
 //! - [`server`]: `boshmux serve`: build, run, stop.
 //! - [`fake_cm`]: a scriptable BOSH connection manager for tests and the demo.
+//! - [`demo`]: `boshmux demo`: the daemon, the fake as a development server, and a demo page.
 
 pub mod bosh;
 pub mod config;
+pub mod demo;
 pub mod fake_cm;
 pub mod http;
+pub mod metrics;
 pub mod page;
 pub mod server;
 pub mod session;

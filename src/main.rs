@@ -19,6 +19,12 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve(Flags),
+    /// Run a self-contained demo: the daemon, a development XMPP server and a demo page.
+    Demo {
+        /// Address to serve the demo on.
+        #[arg(long, default_value = "127.0.0.1:5380")]
+        listen: std::net::SocketAddr,
+    },
     /// Load and check the configuration, then print it with secrets hidden.
     CheckConfig(Flags),
 }
@@ -44,6 +50,11 @@ fn main() -> anyhow::Result<()> {
                 boshmux::server::run(listener, state, stop_signal()).await?;
                 Ok(())
             })
+        }
+        Command::Demo { listen } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(boshmux::demo::run(listen, stop_signal()))?;
+            Ok(())
         }
         Command::CheckConfig(flags) => {
             let cfg = Config::load(&flags, std::env::vars()).context("configuration")?;

@@ -57,8 +57,18 @@ pub async fn run(
     state: AppState,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let shutdown = state.shutdown.clone();
     let app = http::app(state.clone());
+    run_app(listener, state, app, stop).await
+}
+
+/// Like [`run`], with the router given (the demo adds its pages to [`http::app`]).
+pub async fn run_app(
+    listener: TcpListener,
+    state: AppState,
+    app: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let shutdown = state.shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;

@@ -21,6 +21,9 @@ pub use login::{BoshClient, Credentials};
 pub use scheduler::{BoshEvent, BoshHandle, BoshSession, Stats};
 pub use transport::Transport;
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::xmpp::sasl::Mechanism;
 
 /// How the client talks to the connection manager.
@@ -38,6 +41,8 @@ pub struct BoshConfig {
     pub max_request_bytes: usize,
     /// Deadlines and retry policy.
     pub timeouts: Timeouts,
+    /// Where requests, retries and latencies are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl BoshConfig {
@@ -54,6 +59,7 @@ impl BoshConfig {
             ],
             max_request_bytes: 512 * 1024,
             timeouts: Timeouts::default(),
+            metrics: Arc::default(),
         }
     }
 }

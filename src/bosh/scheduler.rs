@@ -12,6 +12,8 @@
 //! - stanzas queued while every slot is busy go together in the next request.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +25,7 @@ use super::body::{self, Body, BodyType, SessionParams};
 use super::error::{BoshError, TransportError};
 use super::transport::{PostError, Transport};
 use super::{BoshConfig, Timeouts};
+use crate::metrics::Metrics;
 use crate::xmpp::{Element, Jid, ns};
 
 /// Stanzas the scheduler holds before it stops taking more from its handles (backpressure).
@@ -105,6 +108,8 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct BoshHandle {
     tx: mpsc::Sender<Command>,
+    /// The rid the next new request will carry, for status displays.
+    rid: Arc<AtomicU64>,
 }
 
 impl BoshHandle {
@@ -151,6 +156,11 @@ impl BoshHandle {
         rx.await.map_err(|_| BoshError::Closed)
     }
 
+    /// The rid the next new request will carry.
+    pub fn next_rid(&self) -> u64 {
+        self.rid.load(Ordering::Relaxed)
+    }
+
     /// True once the session's task has ended.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
@@ -172,6 +182,7 @@ pub(crate) fn spawn(
     let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
     let wait = Duration::from_secs(u64::from(params.wait));
     let inactivity = Duration::from_secs(u64::from(params.inactivity.unwrap_or(60)));
+    let rid_shown = Arc::new(AtomicU64::new(rid));
     let scheduler = Scheduler {
         transport,
         timeouts: config.timeouts,
@@ -187,13 +198,15 @@ pub(crate) fn spawn(
         outbox: VecDeque::new(),
         tasks: JoinSet::new(),
         events: event_tx,
+        metrics: config.metrics.clone(),
+        rid_shown: rid_shown.clone(),
         stats: Stats::default(),
         degraded: false,
         empty_not_before: None,
     };
     tokio::spawn(scheduler.run(commands, early));
     BoshSession {
-        handle: BoshHandle { tx },
+        handle: BoshHandle { tx, rid: rid_shown },
         events,
         jid,
         params,
@@ -236,6 +249,8 @@ struct Scheduler {
     outbox: VecDeque<Element>,
     tasks: JoinSet<Reply>,
     events: mpsc::Sender<BoshEvent>,
+    metrics: Arc<Metrics>,
+    rid_shown: Arc<AtomicU64>,
     stats: Stats,
     /// A request failed and no response has arrived since.
     degraded: bool,
@@ -341,6 +356,7 @@ impl Scheduler {
     fn send_new(&mut self, payload: String, empty: bool) {
         let rid = self.next_rid;
         self.next_rid += 1;
+        self.rid_shown.store(self.next_rid, Ordering::Relaxed);
         let bytes = body::request_bytes(rid, &self.sid, &payload);
         self.in_flight.insert(
             rid,
@@ -351,6 +367,9 @@ impl Scheduler {
             },
         );
         self.stats.requests += 1;
+        self.metrics
+            .upstream_requests
+            .fetch_add(1, Ordering::Relaxed);
         self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight.len());
         self.post(rid, 0, bytes, Duration::ZERO);
     }
@@ -420,6 +439,11 @@ impl Scheduler {
             }
             BodyType::Normal => {
                 let req = self.in_flight.remove(&reply.rid).expect("checked above");
+                if !req.empty {
+                    self.metrics
+                        .upstream_latency
+                        .observe(reply.sent_at.elapsed());
+                }
                 if req.empty
                     && self.in_flight.is_empty()
                     && body.children().next().is_none()
@@ -460,6 +484,9 @@ impl Scheduler {
         }
         let bytes = req.bytes.clone();
         self.stats.retries += 1;
+        self.metrics
+            .upstream_retries
+            .fetch_add(1, Ordering::Relaxed);
         self.degraded = true;
         tracing::debug!(attempt, error = %error, "upstream request failed, resending");
         self.emit(BoshEvent::Retrying {

@@ -1,8 +1,10 @@
 //! HTTP serving: the router ([`app`]), the handoff API for the web app's server ([`api`]), the
-//! WebSocket endpoint for pages ([`ws`]), and the JSON error type ([`error`]).
+//! WebSocket endpoint for pages ([`ws`]), metrics and the status page ([`status`]), and the JSON
+//! error type ([`error`]).
 
 pub mod api;
 pub mod error;
+pub mod status;
 pub mod ws;
 
 use std::sync::Arc;
@@ -96,6 +98,8 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/handoff", get(api::handoff))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(status::metrics))
+        .route("/status", get(status::status))
         .merge(api::routes(state.clone()))
         .with_state(state)
 }

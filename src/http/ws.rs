@@ -66,6 +66,7 @@ pub async fn upgrade(
         cookie_user: cookie_user.map(|j: Jid| j.to_bare()),
         shutdown: st.shutdown.clone(),
         page: st.next_page_id(),
+        metrics: st.registry.metrics.clone(),
     };
     let tracker = st.pages.clone();
     // Frames somewhat over the stanza limit still arrive, so the page gets a proper stream error;

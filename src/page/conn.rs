@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, PageInput, Rejection};
+use crate::metrics::Metrics;
 use crate::session::{AttachError, PageId, PageLink, PageOut, Registry, SessionHandle};
 use crate::xmpp::{self, Element, Jid, Limits, ns};
 
@@ -50,6 +51,8 @@ pub struct PageContext {
     pub shutdown: CancellationToken,
     /// This page's id.
     pub page: PageId,
+    /// Where frames and rejections are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// How a page's connection ends.
@@ -373,7 +376,10 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
                     }
                     Err(Rejection::Stanza(reply)) => Some(reply),
                     Err(Rejection::Drop) => None,
-                    Err(Rejection::Stream { condition, text }) => return Ending::StreamError(condition, text),
+                    Err(Rejection::Stream { condition, text }) => {
+                        ctx.metrics.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                        return Ending::StreamError(condition, text);
+                    }
                 };
                 if let Some(reply) = reply
                     && send_text(ws, reply.to_xml()).await.is_err()
@@ -384,11 +390,14 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
             out = b.out.recv() => match out {
                 Some(PageOut::Frame(f)) => {
                     let len = f.len();
+                    let made = f.made_at();
                     let sent = tokio::time::timeout(ctx.dead_peer_timeout, ws.send(Message::Text(f.into_inner()))).await;
                     b.queued.fetch_sub(len, Ordering::Relaxed);
                     if !matches!(sent, Ok(Ok(()))) {
                         return Ending::Gone;
                     }
+                    ctx.metrics.frames_to_pages.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fanout_latency.observe(made.elapsed());
                 }
                 Some(PageOut::Close(code, reason)) => return Ending::Close(code, reason),
                 None => return Ending::Close(LOST, "session ended"),

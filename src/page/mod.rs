@@ -6,10 +6,12 @@ pub mod conn;
 pub mod frame;
 
 use axum::extract::ws::Utf8Bytes;
+use tokio::time::Instant;
 
 /// A text frame ready to write to any number of pages: serialized once, shared by reference.
+/// It remembers when it was made, so the page task can measure fan-out latency.
 #[derive(Debug, Clone)]
-pub struct Frame(Utf8Bytes);
+pub struct Frame(Utf8Bytes, Instant);
 
 impl Frame {
     /// Its length in bytes (what it costs in a page's queue).
@@ -27,6 +29,11 @@ impl Frame {
         self.0.as_str()
     }
 
+    /// When the frame was made.
+    pub fn made_at(&self) -> Instant {
+        self.1
+    }
+
     pub(crate) fn into_inner(self) -> Utf8Bytes {
         self.0
     }
@@ -34,6 +41,6 @@ impl Frame {
 
 impl From<String> for Frame {
     fn from(s: String) -> Self {
-        Frame(Utf8Bytes::from(s))
+        Frame(Utf8Bytes::from(s), Instant::now())
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -102,6 +103,7 @@ impl Actor {
             }
         };
         tracing::info!(user = %self.bare, "session established");
+        self.registry.metrics.logins.fetch_add(1, Ordering::Relaxed);
         let settings = &self.registry.settings;
         let mut mux = Mux::new(
             session.jid.clone(),
@@ -114,6 +116,7 @@ impl Actor {
             let mut info = self.info.lock();
             info.jid = Some(session.jid.to_string());
             info.upstream = "live";
+            info.upstream_handle = Some(session.handle.clone());
         }
         let _ = self.ready.send(Readiness::Ready(session.jid.clone()));
 
@@ -126,7 +129,11 @@ impl Actor {
 
     /// Marks the session ended and leaves the registry (revoking its tokens).
     fn finish(&mut self) {
-        self.info.lock().upstream = "ended";
+        {
+            let mut info = self.info.lock();
+            info.upstream = "ended";
+            info.upstream_handle = None;
+        }
         self.registry.remove(&self.bare, self.id);
         self.commands.close();
     }
@@ -191,6 +198,7 @@ impl Actor {
                     match event {
                         Some(BoshEvent::Stanza(stanza)) => {
                             self.touch(true);
+                            self.registry.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
                             let effects = mux.from_upstream(stanza);
                             self.apply(effects, mux, &session, live);
                         }
@@ -201,6 +209,7 @@ impl Actor {
                         }
                         Some(BoshEvent::Ended(Err(e))) => {
                             live = false;
+                            self.registry.metrics.terminal_error(&terminal_condition(&e));
                             if !self.may_relogin(&e) {
                                 tracing::info!(user = %self.bare, error = %e, "upstream session lost");
                                 let effects = mux.notice("lost");
@@ -227,7 +236,10 @@ impl Actor {
                                 let mut info = self.info.lock();
                                 info.upstream = "live";
                                 info.relogins += 1;
+                                self.registry.metrics.relogins.fetch_add(1, Ordering::Relaxed);
+                                self.registry.metrics.logins.fetch_add(1, Ordering::Relaxed);
                                 info.jid = Some(session.jid.to_string());
+                                info.upstream_handle = Some(session.handle.clone());
                             }
                             let mut effects = mux.upstream_reset();
                             effects.extend(mux.notice("restored"));
@@ -359,6 +371,14 @@ impl Actor {
         {
             let mut info = self.info.lock();
             let stats = mux.stats();
+            let metrics = &self.registry.metrics;
+            metrics
+                .buffered
+                .fetch_add(stats.buffered - info.buffered, Ordering::Relaxed);
+            metrics.buffer_dropped.fetch_add(
+                stats.buffer_dropped - info.buffer_dropped,
+                Ordering::Relaxed,
+            );
             info.pages = self.pages.len();
             info.buffered = stats.buffered;
             info.buffer_dropped = stats.buffer_dropped;
@@ -370,6 +390,10 @@ impl Actor {
                     .send(PageOut::Close(CLOSE_SLOW, "page too slow to read"));
             }
             self.info.lock().slow_pages += 1;
+            self.registry
+                .metrics
+                .slow_page_closes
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(user = %self.bare, page, "closing a page that fell behind");
             self.detach(page, mux, session, live);
         }
@@ -395,9 +419,27 @@ impl Actor {
 
     fn upstream(&self, stanza: Element, session: &BoshSession) {
         match session.handle.try_send(stanza) {
-            Ok(()) => self.info.lock().stanzas_out += 1,
+            Ok(()) => {
+                self.info.lock().stanzas_out += 1;
+                self.registry
+                    .metrics
+                    .stanzas_out
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Err(_) => tracing::warn!(user = %self.bare, "upstream queue full, stanza dropped"),
         }
+    }
+}
+
+/// The label a lost upstream session is counted under.
+fn terminal_condition(e: &BoshError) -> String {
+    match e {
+        BoshError::Terminated { condition, .. } => {
+            condition.clone().unwrap_or_else(|| "none".into())
+        }
+        BoshError::HttpStatus(s) => format!("http-{s}"),
+        BoshError::RetriesExhausted { .. } => "retries-exhausted".into(),
+        _ => "other".into(),
     }
 }
 

@@ -96,6 +96,18 @@ pub struct SessionInfo {
     pub relogins: u64,
     /// Whether the session was attached (no password held).
     pub attached: bool,
+    /// The live upstream session, for its current rid (shown on the status page only).
+    #[serde(skip)]
+    pub(crate) upstream_handle: Option<crate::bosh::BoshHandle>,
+}
+
+impl SessionInfo {
+    /// The rid of the upstream session's next request.
+    pub fn next_rid(&self) -> Option<u64> {
+        self.upstream_handle
+            .as_ref()
+            .map(crate::bosh::BoshHandle::next_rid)
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -118,6 +130,7 @@ impl SessionInfo {
             slow_pages: 0,
             relogins: 0,
             attached,
+            upstream_handle: None,
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::SessionHandle;
 use crate::bosh::{BoshClient, Credentials};
+use crate::metrics::Metrics;
 use crate::xmpp::Jid;
 
 /// Settings every session actor reads.
@@ -66,6 +67,8 @@ pub struct Registry {
     pub settings: Settings,
     /// Opens upstream sessions.
     pub client: BoshClient,
+    /// The daemon's counters (shared with the BOSH client).
+    pub metrics: Arc<Metrics>,
     /// Bounds concurrent logins, so a mass re-login after an outage does not hammer the server.
     pub logins: Semaphore,
     sessions: Mutex<HashMap<Jid, SessionHandle>>,
@@ -79,6 +82,7 @@ impl Registry {
     pub fn new(settings: Settings, client: BoshClient) -> Arc<Registry> {
         Arc::new(Registry {
             settings,
+            metrics: client.config().metrics.clone(),
             client,
             logins: Semaphore::new(16),
             sessions: Mutex::new(HashMap::new()),

@@ -179,6 +179,8 @@ pub struct Page {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     domain: String,
     pub jid: String,
+    /// Every text frame received, in order.
+    seen: Vec<String>,
 }
 
 impl Page {
@@ -220,6 +222,7 @@ impl Page {
                     ws,
                     domain: domain.to_owned(),
                     jid: String::new(),
+                    seen: Vec::new(),
                 })
             }
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
@@ -330,6 +333,7 @@ impl Page {
                 .expect("timed out waiting for a frame");
             match msg {
                 Some(Ok(Message::Text(t))) => {
+                    self.seen.push(t.to_string());
                     let el = xmpp::parse(
                         t.as_bytes(),
                         &Limits {
@@ -400,6 +404,11 @@ impl Page {
             .with_child(Element::new("ping", ns::PING));
         let reply = self.iq(ping).await;
         assert_eq!(reply.attr("type"), Some("result"), "{reply}");
+    }
+
+    /// Every text frame this page has received.
+    pub fn seen_frames(&self) -> &[String] {
+        &self.seen
     }
 
     /// Sends `<close/>` and waits for the socket to close.

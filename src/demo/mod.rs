@@ -1,0 +1,200 @@
+//! `boshmux demo`: the daemon in front of an embedded development XMPP server (the
+//! [`fake_cm`](crate::fake_cm) with rosters, presence and an echo bot), plus a page at `/demo`
+//! where a person picks a user and opens more tabs to see them share one session.
+//!
+//! The demo's own server side — picking a user, which a real web app does after its own login —
+//! lives here too: it calls the registry as the handoff API would and sets the cookie.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Form, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::bosh::Credentials;
+use crate::config::Config;
+use crate::fake_cm::{FakeCm, FakeCmConfig};
+use crate::http::{self, AppState};
+use crate::session::Readiness;
+use crate::xmpp::Jid;
+
+/// The demo's XMPP domain.
+pub const DOMAIN: &str = "demo.localhost";
+/// Demo accounts: (localpart, password).
+pub const USERS: [(&str, &str); 3] = [
+    ("alice", "alice-pw"),
+    ("bob", "bob-pw"),
+    ("carol", "carol-pw"),
+];
+/// The bot every demo user can talk to.
+pub const BOT: &str = "echo";
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Binding or serving failed.
+    #[error("demo: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon could not be built.
+    #[error("demo: {0}")]
+    Setup(#[from] crate::server::SetupError),
+}
+
+/// Runs the demo on `listen` until `stop` completes.
+pub async fn run(
+    listen: SocketAddr,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    let fake = FakeCm::start(FakeCmConfig {
+        domain: DOMAIN.into(),
+        users: USERS
+            .iter()
+            .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
+            .collect(),
+        everyone_is_a_contact: true,
+        echo_bot: Some(BOT.into()),
+        ..FakeCmConfig::default()
+    })
+    .await?;
+    let listener = TcpListener::bind(listen).await?;
+    let port = listener.local_addr()?.port();
+    let mut key = [0u8; 24];
+    rand::fill(&mut key);
+    let config = Config {
+        listen,
+        bosh_url: Some(fake.url()),
+        xmpp_domain: Some(DOMAIN.into()),
+        api_key: Some(key.iter().map(|b| format!("{b:02x}")).collect()),
+        allowed_origins: vec![
+            format!("http://127.0.0.1:{port}"),
+            format!("http://localhost:{port}"),
+        ],
+        grace: Duration::from_secs(30),
+        bosh_wait: 30,
+        ..Config::default()
+    };
+    let state = crate::server::build(config)?;
+    let app = http::app(state.clone()).merge(routes().with_state(state.clone()));
+    println!("boshmux demo: open http://127.0.0.1:{port}/demo (then open it again in more tabs)");
+    crate::server::run_app(listener, state, app, stop).await?;
+    drop(fake);
+    Ok(())
+}
+
+/// The demo's routes: the page, its assets, and its stand-in for a web app's login.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { redirect("/demo") }))
+        .route("/demo", get(|| async { Html(include_str!("index.html")) }))
+        .route(
+            "/demo/app.js",
+            get(|| async { asset("text/javascript", include_str!("app.js")) }),
+        )
+        .route(
+            "/demo/style.css",
+            get(|| async { asset("text/css", include_str!("style.css")) }),
+        )
+        .route("/demo/whoami", get(whoami))
+        .route("/demo/login", post(login))
+        .route("/demo/logout", post(logout))
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn redirect(to: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
+}
+
+fn cookie_user(st: &AppState, headers: &HeaderMap) -> Option<Jid> {
+    let token = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == http::ws::COOKIE)?
+        .1;
+    let user = st.registry.check_token(token)?;
+    st.registry.get(&user).map(|_| user)
+}
+
+/// Who this browser is logged in as, for the page to choose between the picker and the chat.
+async fn whoami(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let users: Vec<&str> = USERS.iter().map(|(u, _)| *u).collect();
+    let body = match cookie_user(&st, &headers) {
+        Some(user) => {
+            serde_json::json!({"user": user.to_string(), "domain": DOMAIN, "users": users, "bot": BOT})
+        }
+        None => serde_json::json!({"user": null, "domain": DOMAIN, "users": users, "bot": BOT}),
+    };
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+/// The form a user is picked with.
+#[derive(serde::Deserialize)]
+pub struct Pick {
+    user: String,
+}
+
+/// What a web app's server does after its own login: hand the user off and set the cookie.
+async fn login(State(st): State<AppState>, Form(pick): Form<Pick>) -> Response {
+    let Some((user, password)) = USERS.iter().find(|(u, _)| *u == pick.user) else {
+        return (StatusCode::BAD_REQUEST, "no such demo user").into_response();
+    };
+    let Ok(bare) = Jid::parse(&format!("{user}@{DOMAIN}")) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let creds = Credentials::Password {
+        jid: bare.clone(),
+        password: (*password).to_owned(),
+    };
+    let Ok((session, _)) = st.registry.get_or_create(&bare, creds) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many users").into_response();
+    };
+    if !matches!(session.ready().await, Readiness::Ready(_)) {
+        return (StatusCode::BAD_GATEWAY, "login to the demo server failed").into_response();
+    }
+    let (token, _) = st.registry.issue_token(&bare);
+    let mut resp = redirect("/demo");
+    let cookie = format!(
+        "{}={token}; HttpOnly; SameSite=Lax; Path=/",
+        http::ws::COOKIE
+    );
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("token is URL-safe"),
+    );
+    resp
+}
+
+/// Logs the user out everywhere: every tab is closed with 4001.
+async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(user) = cookie_user(&st, &headers)
+        && let Some(session) = st.registry.get(&user)
+    {
+        session.logout().await;
+    }
+    let mut resp = redirect("/demo");
+    let cookie = format!(
+        "{}=; Max-Age=0; HttpOnly; SameSite=Lax; Path=/",
+        http::ws::COOKIE
+    );
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("static"),
+    );
+    resp
+}
