@@ -54,10 +54,10 @@ pub async fn status(State(st): State<AppState>, headers: HeaderMap) -> Response 
             "connecting" | "retrying" | "reconnecting" => "warn",
             _ => "bad",
         };
-        let _ = write!(
+        let _ = writeln!(
             rows,
             "<tr><td class=jid>{}</td><td><span class=\"pill {state_class}\">{}</span>{}</td><td class=num>{}</td>\
-             <td class=num>{}</td><td>{}</td><td>{}</td><td class=num>{} / {}</td><td class=num>{}</td><td class=num>{}</td></tr>\n",
+             <td class=num>{}</td><td>{}</td><td>{}</td><td class=num>{} / {}</td><td class=num>{}</td><td class=num>{}</td></tr>",
             escape(s.jid.as_deref().unwrap_or("—")),
             s.upstream,
             if s.attached {
