@@ -9,6 +9,7 @@
 //! - [`page`]: one WebSocket per page: RFC 7395 handshake, checks on what pages send.
 //! - [`http`]: the router, the handoff API and the WebSocket endpoint.
 //! - [`metrics`]: counters and histograms for `GET /metrics`.
+//! - [`state`]: the state file that lets a restart keep every session (SPEC §8).
 //! - [`server`]: `boshmux serve`: build, run, stop.
 //! - [`fake_cm`]: a scriptable BOSH connection manager for tests and the demo.
 //! - [`demo`]: `boshmux demo`: the daemon, the fake as a development server, and a demo page.
@@ -22,4 +23,5 @@ pub mod metrics;
 pub mod page;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod xmpp;

@@ -68,11 +68,32 @@ pub async fn run_app(
     app: axum::Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let shutdown = state.shutdown.clone();
+    if let Some(path) = &state.config.state_file {
+        match crate::state::take(path) {
+            Ok(saved) => {
+                let count = saved.len();
+                let restored = saved
+                    .into_iter()
+                    .filter_map(|s| state.registry.restore(s))
+                    .count();
+                if count > 0 {
+                    tracing::info!(
+                        restored,
+                        saved = count,
+                        "sessions taken over from the state file"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "state file ignored"),
+        }
+    }
+    let st = state.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;
-            shutdown.cancel();
+            st.stopping.cancel();
+            stop_sessions(&st).await;
+            st.shutdown.cancel();
         })
         .await?;
     state.pages.close();
@@ -85,15 +106,41 @@ pub async fn run_app(
             "pages still open after the stop limit"
         );
     }
+    Ok(())
+}
+
+/// Ends every session (pages close with 1012 either way): with a state file each is suspended
+/// and saved, alive upstream, for the next start; without one each is terminated upstream.
+async fn stop_sessions(state: &AppState) {
     let sessions = state.registry.all();
     let count = sessions.len();
-    let stops = sessions.iter().map(|s| s.stop());
-    if tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(stops))
-        .await
-        .is_err()
-    {
-        tracing::warn!("upstream sessions still ending after the stop limit");
+    let Some(path) = &state.config.state_file else {
+        let stops = sessions.iter().map(|s| s.stop());
+        if tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(stops))
+            .await
+            .is_err()
+        {
+            tracing::warn!("upstream sessions still ending after the stop limit");
+        }
+        tracing::info!(sessions = count, "stopped; upstream sessions terminated");
+        return;
+    };
+    let suspends = sessions.iter().map(|s| s.suspend());
+    let saved: Vec<_> =
+        match tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(suspends)).await {
+            Ok(all) => all.into_iter().flatten().collect(),
+            Err(_) => {
+                tracing::warn!("sessions did not suspend within the stop limit; none saved");
+                Vec::new()
+            }
+        };
+    let kept = saved.len();
+    match crate::state::save(path, saved) {
+        Ok(()) => tracing::info!(
+            sessions = count,
+            saved = kept,
+            "stopped; sessions saved for the next start"
+        ),
+        Err(e) => tracing::error!(error = %e, "could not save sessions"),
     }
-    tracing::info!(sessions = count, "stopped");
-    Ok(())
 }

@@ -178,7 +178,7 @@ fn wrap(rid: u64, sid: &str, extra: &str, payload: &str) -> Bytes {
 
 /// What a session creation response told us (XEP-0124 §7.2). Every attribute is kept, so that
 /// later parts (status page, restart survival) can show or persist them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionParams {
     /// Session id.
     pub sid: String,

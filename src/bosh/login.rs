@@ -136,6 +136,12 @@ impl BoshClient {
         )
     }
 
+    /// Continues a session suspended by [`BoshHandle::suspend`](super::BoshHandle::suspend),
+    /// possibly in an earlier process: unanswered requests are resent first, byte for byte.
+    pub fn resume(&self, jid: Jid, suspended: super::Suspended) -> BoshSession {
+        scheduler::resume(self.transport.clone(), &self.config, jid, suspended)
+    }
+
     async fn login_inner(
         &self,
         jid: &Jid,

@@ -18,7 +18,7 @@ use std::time::Duration;
 pub use body::{Body, BodyError, BodyType, SessionParams};
 pub use error::{BoshError, TransportError};
 pub use login::{BoshClient, Credentials};
-pub use scheduler::{BoshEvent, BoshHandle, BoshSession, Stats};
+pub use scheduler::{BoshEvent, BoshHandle, BoshSession, Stats, Suspended};
 pub use transport::Transport;
 
 use std::sync::Arc;

@@ -95,10 +95,27 @@ pub struct Stats {
 enum Command {
     Send(Vec<Element>),
     Stats(oneshot::Sender<Stats>),
+    Suspend(oneshot::Sender<Suspended>),
     Terminate {
         farewell: Vec<Element>,
         done: oneshot::Sender<()>,
     },
+}
+
+/// A session stopped without ending it upstream, to be resumed by another process (SPEC §8).
+#[derive(Debug, Clone)]
+pub struct Suspended {
+    /// The session parameters, sid included.
+    pub params: SessionParams,
+    /// The rid the next new request carries.
+    pub next_rid: u64,
+    /// Requests sent and not answered, in rid order, byte for byte: resent first on resume to
+    /// collect their (cached) responses.
+    pub unanswered: Vec<(u64, Bytes)>,
+    /// Stanzas received but not yet handed on (they waited for an earlier rid).
+    pub inbound: Vec<Element>,
+    /// Stanzas queued and not yet sent.
+    pub outbound: Vec<Element>,
 }
 
 /// Sends to a session. The session ends (with a clean terminate) when every handle is dropped.
@@ -156,6 +173,16 @@ impl BoshHandle {
         rx.await.map_err(|_| BoshError::Closed)
     }
 
+    /// Stops the session without ending it upstream and returns what resuming it needs.
+    pub async fn suspend(&self) -> Result<Suspended, BoshError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Suspend(tx))
+            .await
+            .map_err(|_| BoshError::Closed)?;
+        rx.await.map_err(|_| BoshError::Closed)
+    }
+
     /// The rid the next new request will carry.
     pub fn next_rid(&self) -> u64 {
         self.rid.load(Ordering::Relaxed)
@@ -178,6 +205,51 @@ pub(crate) fn spawn(
     features: Option<Element>,
     early: Vec<Element>,
 ) -> BoshSession {
+    spawn_with(
+        transport,
+        config,
+        jid,
+        params,
+        rid,
+        features,
+        early,
+        Vec::new(),
+        Vec::new(),
+    )
+}
+
+/// Starts the scheduler for a suspended session: the unanswered requests are resent first.
+pub(crate) fn resume(
+    transport: Transport,
+    config: &BoshConfig,
+    jid: Jid,
+    s: Suspended,
+) -> BoshSession {
+    spawn_with(
+        transport,
+        config,
+        jid,
+        s.params,
+        s.next_rid,
+        None,
+        s.inbound,
+        s.unanswered,
+        s.outbound,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_with(
+    transport: Transport,
+    config: &BoshConfig,
+    jid: Jid,
+    params: SessionParams,
+    rid: u64,
+    features: Option<Element>,
+    early: Vec<Element>,
+    resend: Vec<(u64, Bytes)>,
+    outbound: Vec<Element>,
+) -> BoshSession {
     let (tx, commands) = mpsc::channel(CHANNEL_CAP);
     let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
     let wait = Duration::from_secs(u64::from(params.wait));
@@ -188,15 +260,16 @@ pub(crate) fn spawn(
         timeouts: config.timeouts,
         sid: params.sid.clone(),
         next_rid: rid,
-        next_deliver: rid,
+        next_deliver: resend.first().map_or(rid, |(r, _)| *r),
         requests: params.requests.max(1) as usize,
         request_timeout: wait + config.timeouts.margin,
         polling: Duration::from_secs(u64::from(params.polling.unwrap_or(5))).min(inactivity / 2),
         max_request_bytes: config.max_request_bytes,
         in_flight: BTreeMap::new(),
         answered: BTreeMap::new(),
-        outbox: VecDeque::new(),
+        outbox: outbound.into(),
         tasks: JoinSet::new(),
+        params: params.clone(),
         events: event_tx,
         metrics: config.metrics.clone(),
         rid_shown: rid_shown.clone(),
@@ -204,6 +277,18 @@ pub(crate) fn spawn(
         degraded: false,
         empty_not_before: None,
     };
+    let mut scheduler = scheduler;
+    for (r, bytes) in resend {
+        scheduler.in_flight.insert(
+            r,
+            InFlight {
+                bytes: bytes.clone(),
+                attempt: 0,
+                empty: false,
+            },
+        );
+        scheduler.post(r, 0, bytes, Duration::ZERO);
+    }
     tokio::spawn(scheduler.run(commands, early));
     BoshSession {
         handle: BoshHandle { tx, rid: rid_shown },
@@ -244,6 +329,8 @@ struct Scheduler {
     polling: Duration,
     max_request_bytes: usize,
     in_flight: BTreeMap<u64, InFlight>,
+    /// The session parameters, kept for suspending.
+    params: SessionParams,
     /// Responses that arrived before an earlier rid's.
     answered: BTreeMap<u64, Body>,
     outbox: VecDeque<Element>,
@@ -275,6 +362,10 @@ impl Scheduler {
                     Some(Command::Send(stanzas)) => self.outbox.extend(stanzas),
                     Some(Command::Stats(reply)) => {
                         let _ = reply.send(self.stats());
+                    }
+                    Some(Command::Suspend(reply)) => {
+                        let _ = reply.send(self.suspend());
+                        ended = Some(Ok(()));
                     }
                     Some(Command::Terminate { farewell, done }) => {
                         self.terminate(farewell).await;
@@ -499,6 +590,26 @@ impl Scheduler {
         let delay = self.timeouts.backoff(attempt);
         self.post(rid, attempt, bytes, delay);
         Ok(())
+    }
+
+    /// Everything resuming needs; requests in flight are dropped locally and stay at the server.
+    fn suspend(&mut self) -> Suspended {
+        self.tasks.abort_all();
+        let unanswered = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .map(|(rid, req)| (rid, req.bytes))
+            .collect();
+        let inbound = std::mem::take(&mut self.answered)
+            .into_values()
+            .flat_map(Body::into_children)
+            .collect();
+        Suspended {
+            params: self.params.clone(),
+            next_rid: self.next_rid,
+            unanswered,
+            inbound,
+            outbound: self.outbox.drain(..).collect(),
+        }
     }
 
     /// Sends queued stanzas and `farewell` in a terminate request, then drops every other request

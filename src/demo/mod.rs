@@ -49,7 +49,41 @@ pub async fn run(
     listen: SocketAddr,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
-    let fake = FakeCm::start(FakeCmConfig {
+    let listener = TcpListener::bind(listen).await?;
+    let demo = start(listener).await?;
+    println!(
+        "boshmux demo: open http://127.0.0.1:{}/demo (then open it again in more tabs)",
+        demo.addr.port()
+    );
+    stop.await;
+    demo.stop().await
+}
+
+/// A running demo.
+pub struct Demo {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The generated api key (the status page and the handoff API take it).
+    pub api_key: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    _server: FakeCm,
+}
+
+impl Demo {
+    /// Stops the demo and waits until it has.
+    pub async fn stop(self) -> Result<(), DemoError> {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(DemoError::Io(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// Starts the demo on `listener`: the development server, the daemon and the demo page.
+pub async fn start(listener: TcpListener) -> Result<Demo, DemoError> {
+    let server = FakeCm::start(FakeCmConfig {
         domain: DOMAIN.into(),
         users: USERS
             .iter()
@@ -60,15 +94,16 @@ pub async fn run(
         ..FakeCmConfig::default()
     })
     .await?;
-    let listener = TcpListener::bind(listen).await?;
-    let port = listener.local_addr()?.port();
+    let addr = listener.local_addr()?;
+    let port = addr.port();
     let mut key = [0u8; 24];
     rand::fill(&mut key);
+    let api_key: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let config = Config {
-        listen,
-        bosh_url: Some(fake.url()),
+        listen: addr,
+        bosh_url: Some(server.url()),
         xmpp_domain: Some(DOMAIN.into()),
-        api_key: Some(key.iter().map(|b| format!("{b:02x}")).collect()),
+        api_key: Some(api_key.clone()),
         allowed_origins: vec![
             format!("http://127.0.0.1:{port}"),
             format!("http://localhost:{port}"),
@@ -79,10 +114,17 @@ pub async fn run(
     };
     let state = crate::server::build(config)?;
     let app = http::app(state.clone()).merge(routes().with_state(state.clone()));
-    println!("boshmux demo: open http://127.0.0.1:{port}/demo (then open it again in more tabs)");
-    crate::server::run_app(listener, state, app, stop).await?;
-    drop(fake);
-    Ok(())
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::server::run_app(listener, state, app, async {
+        let _ = stopped.await;
+    }));
+    Ok(Demo {
+        addr,
+        api_key,
+        stop,
+        task,
+        _server: server,
+    })
 }
 
 /// The demo's routes: the page, its assets, and its stand-in for a web app's login.
@@ -90,6 +132,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(|| async { redirect("/demo") }))
         .route("/demo", get(|| async { Html(include_str!("index.html")) }))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route(
             "/demo/app.js",
             get(|| async { asset("text/javascript", include_str!("app.js")) }),
@@ -97,6 +140,19 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/demo/style.css",
             get(|| async { asset("text/css", include_str!("style.css")) }),
+        )
+        .route(
+            "/client-js/boshmux.js",
+            get(|| async {
+                asset(
+                    "text/javascript",
+                    include_str!("../../client-js/boshmux.js"),
+                )
+            }),
+        )
+        .route(
+            "/client-js/xml.js",
+            get(|| async { asset("text/javascript", include_str!("../../client-js/xml.js")) }),
         )
         .route("/demo/whoami", get(whoami))
         .route("/demo/login", post(login))

@@ -30,7 +30,9 @@ pub struct Shared {
     pub config: Config,
     /// Sessions and credentials.
     pub registry: Arc<Registry>,
-    /// Cancelled when the daemon stops: pages close with 1012.
+    /// Cancelled when the daemon starts stopping: no new pages are accepted.
+    pub stopping: CancellationToken,
+    /// Cancelled once the sessions are stopped: pages still open close with 1012.
     pub shutdown: CancellationToken,
     /// Every page task, so a stop can wait for them (axum does not track upgraded sockets).
     pub pages: TaskTracker,
@@ -45,6 +47,7 @@ impl AppState {
         AppState(Arc::new(Shared {
             config,
             registry,
+            stopping: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             pages: TaskTracker::new(),
             next_page: AtomicU64::new(1),

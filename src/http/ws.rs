@@ -37,7 +37,7 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    if st.shutdown.is_cancelled() {
+    if st.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "restarting\n").into_response();
     }
     if !st.allow_upgrade() {

@@ -19,6 +19,7 @@ use super::registry::Registry;
 use super::{AttachError, Command, PageLink, PageOut, Readiness, SessionHandle, SessionInfo};
 use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials};
 use crate::page::Frame;
+use crate::state::SavedSession;
 use crate::xmpp::{Element, Jid};
 
 /// Close codes (SPEC §4).
@@ -36,6 +37,32 @@ pub(crate) fn spawn(
     id: u64,
     bare: Jid,
     creds: Credentials,
+) -> SessionHandle {
+    start(registry, id, bare, creds, None)
+}
+
+/// Starts the actor for a session saved by an earlier process; it resumes the upstream session
+/// instead of logging in. No password was saved, so it cannot log in again if that fails.
+pub(crate) fn spawn_restored(
+    registry: Arc<Registry>,
+    id: u64,
+    full: Jid,
+    saved: SavedSession,
+) -> SessionHandle {
+    let creds = Credentials::Attach {
+        jid: full.clone(),
+        sid: saved.params.sid.clone(),
+        rid: saved.next_rid,
+    };
+    start(registry, id, full.to_bare(), creds, Some(saved))
+}
+
+fn start(
+    registry: Arc<Registry>,
+    id: u64,
+    bare: Jid,
+    creds: Credentials,
+    restore: Option<SavedSession>,
 ) -> SessionHandle {
     let (tx, commands) = mpsc::channel(256);
     let attached = matches!(creds, Credentials::Attach { .. });
@@ -59,6 +86,7 @@ pub(crate) fn spawn(
         pages: HashMap::new(),
         grace_until: None,
         held: VecDeque::new(),
+        restore,
     };
     tokio::spawn(actor.run());
     handle
@@ -77,6 +105,8 @@ struct Actor {
     grace_until: Option<Instant>,
     /// Upstream-bound stanzas waiting for a re-login to finish.
     held: VecDeque<Element>,
+    /// A session saved by an earlier process, to resume instead of logging in.
+    restore: Option<SavedSession>,
 }
 
 /// How the running session ended.
@@ -87,6 +117,9 @@ enum End {
 
 impl Actor {
     async fn run(mut self) {
+        if let Some(saved) = self.restore.take() {
+            return self.run_restored(saved).await;
+        }
         let resource = self.registry.settings.resource.clone();
         let first = self.login(&resource).await;
         let session = match first {
@@ -105,7 +138,7 @@ impl Actor {
         tracing::info!(user = %self.bare, "session established");
         self.registry.metrics.logins.fetch_add(1, Ordering::Relaxed);
         let settings = &self.registry.settings;
-        let mut mux = Mux::new(
+        let mux = Mux::new(
             session.jid.clone(),
             settings.offline_buffer,
             settings.iq_timeout,
@@ -119,7 +152,43 @@ impl Actor {
             info.upstream_handle = Some(session.handle.clone());
         }
         let _ = self.ready.send(Readiness::Ready(session.jid.clone()));
+        self.serve_to_end(session, mux).await;
+    }
 
+    /// Resumes a session saved by an earlier process: the BOSH session continues where it was
+    /// (unanswered requests resent first), caches and tokens as they were.
+    async fn run_restored(mut self, saved: SavedSession) {
+        let (Ok(full), Some(suspended)) = (Jid::parse(&saved.jid), saved.suspended()) else {
+            tracing::warn!(user = %self.bare, "saved session is damaged; dropped");
+            let _ = self.ready.send(Readiness::Failed {
+                message: "saved session is damaged".into(),
+                auth: false,
+            });
+            self.finish();
+            return;
+        };
+        let settings = &self.registry.settings;
+        let session = self.registry.client.resume(full.clone(), suspended);
+        let mux = Mux::restore(
+            full.clone(),
+            settings.offline_buffer,
+            settings.iq_timeout,
+            &saved.mux,
+        );
+        // Pages closed with 1012 reconnect; until then this is an ordinary grace period.
+        self.grace_until = Some(Instant::now() + settings.grace);
+        {
+            let mut info = self.info.lock();
+            info.jid = Some(full.to_string());
+            info.upstream = "live";
+            info.upstream_handle = Some(session.handle.clone());
+        }
+        tracing::info!(user = %self.bare, "session resumed from the state file");
+        let _ = self.ready.send(Readiness::Ready(full));
+        self.serve_to_end(session, mux).await;
+    }
+
+    async fn serve_to_end(&mut self, session: BoshSession, mut mux: Mux) {
         let End::Close(code, reason) = self.serve(session, &mut mux).await;
         for (_, link) in self.pages.drain() {
             let _ = link.tx.send(PageOut::Close(code, reason));
@@ -185,6 +254,17 @@ impl Actor {
                             let _ = session.handle.terminate(vec![mux.farewell()]).await;
                             let _ = done.send(());
                             return End::Close(CLOSE_REVOKED, "session revoked");
+                        }
+                        Command::Suspend { done } => {
+                            self.close_pages(CLOSE_RESTARTING, "daemon restarting");
+                            let mut saved = None;
+                            if live && let Ok(s) = session.handle.suspend().await {
+                                let attached = !matches!(self.creds, Credentials::Password { .. });
+                                let tokens = self.registry.export_tokens(&self.bare);
+                                saved = Some(SavedSession::new(mux.jid().to_string(), attached, s, mux.snapshot(), tokens));
+                            }
+                            let _ = done.send(saved);
+                            return End::Close(CLOSE_RESTARTING, "daemon restarting");
                         }
                         Command::Stop { done } => {
                             self.close_pages(CLOSE_RESTARTING, "daemon restarting");

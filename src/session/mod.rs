@@ -155,6 +155,10 @@ pub(crate) enum Command {
     Stop {
         done: oneshot::Sender<()>,
     },
+    /// Daemon stop with a state file: pages closed with 1012, upstream kept, state handed back.
+    Suspend {
+        done: oneshot::Sender<Option<crate::state::SavedSession>>,
+    },
 }
 
 /// A cheap handle to one user's session actor.
@@ -225,6 +229,14 @@ impl SessionHandle {
         if self.tx.send(Command::Stop { done }).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Stops the session for a restart, leaving it alive upstream; returns what the next
+    /// process needs to take it over (`None` if it could not be kept).
+    pub async fn suspend(&self) -> Option<crate::state::SavedSession> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Suspend { done }).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// True once the actor has ended.

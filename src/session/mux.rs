@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::page::frame::error_reply;
-use crate::xmpp::{Element, Jid, ns};
+use crate::xmpp::{self, Element, Jid, Limits, ns};
 
 /// Identifies one page (one WebSocket) for the life of the daemon.
 pub type PageId = u64;
@@ -701,6 +701,119 @@ impl Mux {
     }
 }
 
+/// The rules' state that survives a restart (SPEC §8); stanzas kept as XML text.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct MuxSnapshot {
+    /// The undirected presence last sent upstream.
+    pub shared_presence: Option<String>,
+    /// Contacts' presence.
+    pub presence: Vec<String>,
+    /// Rooms the session is in.
+    pub rooms: Vec<RoomSnapshot>,
+    /// Roster items.
+    pub roster_items: Vec<String>,
+    /// Roster version.
+    pub roster_ver: Option<String>,
+    /// Whether the roster cache was complete.
+    pub roster_complete: bool,
+    /// Messages waiting for a page.
+    pub buffer: Vec<String>,
+}
+
+/// One room in a [`MuxSnapshot`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RoomSnapshot {
+    /// The room's bare JID.
+    pub jid: String,
+    /// Our nick.
+    pub nick: String,
+    /// The join presence.
+    pub join: String,
+    /// Occupants' presence.
+    pub occupants: Vec<String>,
+    /// Our own presence in the room.
+    pub self_presence: Option<String>,
+    /// The subject message.
+    pub subject: Option<String>,
+}
+
+impl Mux {
+    /// What survives a restart.
+    pub fn snapshot(&self) -> MuxSnapshot {
+        let xml = |e: &Element| e.to_xml();
+        MuxSnapshot {
+            shared_presence: self.shared_presence.as_ref().map(xml),
+            presence: self.presence.values().map(xml).collect(),
+            rooms: self
+                .rooms
+                .iter()
+                .map(|(jid, r)| RoomSnapshot {
+                    jid: jid.clone(),
+                    nick: r.nick.clone(),
+                    join: r.join.to_xml(),
+                    occupants: r.occupants.values().map(xml).collect(),
+                    self_presence: r.self_presence.as_ref().map(xml),
+                    subject: r.subject.as_ref().map(xml),
+                })
+                .collect(),
+            roster_items: self.roster.items.values().map(xml).collect(),
+            roster_ver: self.roster.ver.clone(),
+            roster_complete: self.roster.complete,
+            buffer: self.buffer.iter().map(xml).collect(),
+        }
+    }
+
+    /// Rules for `me` with the state of an earlier process. Entries that do not parse are left out.
+    pub fn restore(me: Jid, buffer_cap: usize, iq_timeout: Duration, snap: &MuxSnapshot) -> Mux {
+        let mut m = Mux::new(me, buffer_cap, iq_timeout);
+        let keyed = |list: &[String]| -> BTreeMap<String, Element> {
+            list.iter()
+                .filter_map(|s| stored(s))
+                .filter_map(|e| Some((e.attr("from")?.to_owned(), e)))
+                .collect()
+        };
+        m.shared_presence = snap.shared_presence.as_deref().and_then(stored);
+        m.presence = keyed(&snap.presence);
+        for r in &snap.rooms {
+            let Some(join) = stored(&r.join) else {
+                continue;
+            };
+            m.rooms.insert(
+                r.jid.clone(),
+                Room {
+                    nick: r.nick.clone(),
+                    joined_by: BTreeSet::new(),
+                    joined: true,
+                    join,
+                    occupants: keyed(&r.occupants),
+                    self_presence: r.self_presence.as_deref().and_then(stored),
+                    subject: r.subject.as_deref().and_then(stored),
+                },
+            );
+        }
+        for item in snap.roster_items.iter().filter_map(|s| stored(s)) {
+            if let Some(jid) = item.attr("jid") {
+                m.roster.items.insert(jid.to_owned(), item.clone());
+            }
+        }
+        m.roster.ver = snap.roster_ver.clone();
+        m.roster.complete = snap.roster_complete;
+        m.buffer = snap.buffer.iter().filter_map(|s| stored(s)).collect();
+        m
+    }
+}
+
+/// Parses a stanza saved by this daemon.
+fn stored(xml_text: &str) -> Option<Element> {
+    let limits = Limits {
+        max_bytes: 16 * 1024 * 1024,
+        max_depth: 64,
+        max_attrs: 256,
+        allow_declaration: false,
+    };
+    xmpp::parse(xml_text.as_bytes(), &limits).ok()
+}
+
 fn to_all(stanza: Element) -> Effect {
     Effect::ToPages {
         except: None,
@@ -874,6 +987,42 @@ mod tests {
         assert!(m.from_page(1, gone.clone(), now).is_empty());
         m.page_gone(1);
         assert_eq!(upstream_of(&m.from_page(2, gone, now)).len(), 1);
+    }
+
+    #[test]
+    fn the_state_survives_a_snapshot_round_trip() {
+        let mut m = mux();
+        m.page_bound(1);
+        let now = Instant::now();
+        m.from_page(
+            1,
+            Element::new("presence", ns::CLIENT)
+                .with_child(Element::new("show", ns::CLIENT).with_text("away")),
+            now,
+        );
+        m.from_upstream(
+            Element::new("presence", ns::CLIENT).with_attr("from", "bob@example.com/x"),
+        );
+        m.page_gone(1);
+        m.from_upstream(Element::new("message", ns::CLIENT).with_attr("id", "m1"));
+        let snap = m.snapshot();
+        let back = Mux::restore(m.jid().clone(), 3, Duration::from_secs(30), &snap);
+        assert_eq!(back.snapshot().presence, snap.presence);
+        assert_eq!(back.snapshot().shared_presence, snap.shared_presence);
+        assert_eq!(back.buffered_now(), 1);
+        // The second page's identical initial presence is not re-sent, and gets bob replayed.
+        let mut back = back;
+        back.page_bound(2);
+        let out = back.from_page(
+            2,
+            Element::new("presence", ns::CLIENT)
+                .with_child(Element::new("show", ns::CLIENT).with_text("away")),
+            now,
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            matches!(&out[0], Effect::ToPage(2, p) if p.attr("from") == Some("bob@example.com/x"))
+        );
     }
 
     #[test]

@@ -169,6 +169,45 @@ impl Registry {
         Some(c.bare.clone())
     }
 
+    /// The hashes (hex) of `bare`'s tokens and the seconds of idle life each has left.
+    pub fn export_tokens(&self, bare: &Jid) -> Vec<(String, u64)> {
+        let now = Instant::now();
+        self.tokens
+            .lock()
+            .iter()
+            .filter(|(_, c)| &c.bare == bare && c.expires > now)
+            .map(|(h, c)| (hex(h), c.expires.duration_since(now).as_secs()))
+            .collect()
+    }
+
+    /// Takes over tokens saved by [`Registry::export_tokens`].
+    pub fn import_tokens(&self, bare: &Jid, saved: &[(String, u64)]) {
+        let now = Instant::now();
+        let mut tokens = self.tokens.lock();
+        for (h, secs) in saved {
+            if let Some(hash) = unhex(h) {
+                tokens.insert(
+                    hash,
+                    Credential {
+                        bare: bare.clone(),
+                        expires: now + Duration::from_secs(*secs),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Takes over a session saved by an earlier process (SPEC §8).
+    pub fn restore(self: &Arc<Self>, saved: crate::state::SavedSession) -> Option<SessionHandle> {
+        let full = Jid::parse(&saved.jid).ok()?;
+        let bare = full.to_bare();
+        self.import_tokens(&bare, &saved.tokens);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handle = super::actor::spawn_restored(self.clone(), id, full, saved);
+        self.sessions.lock().insert(bare, handle.clone());
+        Some(handle)
+    }
+
     /// A one-time ticket for `bare`.
     pub fn issue_ticket(&self, bare: &Jid) -> String {
         issue(&self.tickets, bare, self.settings.ticket_ttl)
@@ -199,6 +238,21 @@ fn issue(map: &Mutex<HashMap<[u8; 32], Credential>>, bare: &Jid, ttl: Duration) 
         },
     );
     secret
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn hash(secret: &str) -> [u8; 32] {
