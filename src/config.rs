@@ -351,6 +351,7 @@ impl Config {
             "limits.offline_buffer" => {
                 l.offline_buffer = number(value, 0, 1_000_000).map_err(bad)?
             }
+            "limits.iq_timeout" => l.iq_timeout = duration(value).map_err(bad)?,
             _ => {
                 return Err(ConfigError::UnknownKey {
                     source_name: source_name.to_owned(),
@@ -585,6 +586,19 @@ mod tests {
                 .to_string()
                 .starts_with("cannot read config file /nonexistent/boshmux.toml:")
         );
+    }
+
+    #[test]
+    fn the_example_config_file_loads() {
+        let flags = Flags {
+            config: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/boshmux.example.toml").into()),
+            ..Flags::default()
+        };
+        let cfg = Config::load(&flags, env(&[("BOSHMUX_API_KEY", "0123456789abcdef0")])).unwrap();
+        assert_eq!(cfg.xmpp_domain.as_deref(), Some("example.com"));
+        assert_eq!(cfg.limits.iq_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.token_ttl, Duration::from_secs(24 * 3600));
+        cfg.require_for_serve().unwrap();
     }
 
     #[test]

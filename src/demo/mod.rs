@@ -52,8 +52,10 @@ pub async fn run(
     let listener = TcpListener::bind(listen).await?;
     let demo = start(listener).await?;
     println!(
-        "boshmux demo: open http://127.0.0.1:{}/demo (then open it again in more tabs)",
-        demo.addr.port()
+        "boshmux demo: open http://127.0.0.1:{port}/demo (then open it again in more tabs)\n\
+         status page: http://127.0.0.1:{port}/status (any user name, password {key})",
+        port = demo.addr.port(),
+        key = demo.api_key
     );
     stop.await;
     demo.stop().await
