@@ -591,7 +591,9 @@ mod tests {
     #[test]
     fn the_example_config_file_loads() {
         let flags = Flags {
-            config: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/boshmux.example.toml").into()),
+            config: Some(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/boshmux.example.toml").into(),
+            ),
             ..Flags::default()
         };
         let cfg = Config::load(&flags, env(&[("BOSHMUX_API_KEY", "0123456789abcdef0")])).unwrap();

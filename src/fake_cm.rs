@@ -27,6 +27,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bosh::Body;
 use crate::xmpp::{Element, Jid, ns};
 
+/// Service discovery (XEP-0030), answered for the server itself.
+const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+
 /// How the fake behaves in automatic mode.
 #[derive(Clone, Debug)]
 pub struct FakeCmConfig {
@@ -537,6 +540,19 @@ fn process(cfg: &FakeCmConfig, s: &mut Session, stanza: Element) -> Option<Eleme
         if let Some(to) = stanza.attr("to") {
             result.set_attr("from", to); // the server answers from the address asked
         }
+        if stanza.child("query", DISCO_INFO).is_some() && stanza.attr("type") == Some("get") {
+            result.push_child(
+                Element::new("query", DISCO_INFO)
+                    .with_child(
+                        Element::new("identity", DISCO_INFO)
+                            .with_attr("category", "server")
+                            .with_attr("type", "im")
+                            .with_attr("name", "boshmux development server"),
+                    )
+                    .with_child(Element::new("feature", DISCO_INFO).with_attr("var", DISCO_INFO))
+                    .with_child(Element::new("feature", DISCO_INFO).with_attr("var", ns::PING)),
+            );
+        }
         if stanza.child("query", ns::ROSTER).is_some() && stanza.attr("type") == Some("get") {
             let mut query = Element::new("query", ns::ROSTER);
             for contact in contacts(cfg, jid.local().unwrap_or_default()) {
@@ -603,7 +619,15 @@ fn route(cfg: &FakeCmConfig, st: &mut State, sid: &str, stanza: Element) {
         }
         return;
     }
-    deliver(st, &to, &stanza);
+    let delivered = deliver(st, &to, &stanza);
+    if delivered == 0
+        && stanza.is("iq", ns::CLIENT)
+        && matches!(stanza.attr("type"), Some("get" | "set"))
+    {
+        // Nobody there to answer: the server does (RFC 6121 §8.5).
+        let error = crate::page::frame::error_reply(&stanza, "cancel", "service-unavailable", "");
+        deliver(st, &from.to_string(), &error);
+    }
 }
 
 fn undirected_presence(
