@@ -4,7 +4,7 @@
 //! is handed to the test, which decides the answer — a body, an HTTP status, or a dropped
 //! connection — and when to give it.
 //!
-//! With [`FakeCmConfig::everyone_is_a_contact`] and an echo bot it is also the embedded server of
+//! With [`FakeCmConfig::contacts`] and an echo bot it is also the embedded server of
 //! `boshmux demo`: fixed rosters, presence broadcast between online accounts, routing of messages
 //! and iqs, and a bot that answers. It is a demo and test aid, not an XMPP server: no persistence,
 //! no subscriptions, no MUC, no TLS, nothing of RFC 6120 beyond what a demo needs.
@@ -41,9 +41,9 @@ pub struct FakeCmConfig {
     pub requests: u32,
     /// Longest `wait` granted.
     pub max_wait: u32,
-    /// Every account has every other one (and the echo bot) in its roster, subscription `both`,
-    /// with presence broadcast between them: the demo's small social network.
-    pub everyone_is_a_contact: bool,
+    /// Accounts that have each other (and the echo bot) in their rosters, subscription `both`,
+    /// with presence broadcast between them: the demo's small social network. Others have none.
+    pub contacts: Vec<String>,
     /// Localpart of a bot that is always online and answers each message with `echo: <body>`.
     pub echo_bot: Option<String>,
 }
@@ -55,7 +55,7 @@ impl Default for FakeCmConfig {
             users: HashMap::new(),
             requests: 2,
             max_wait: 60,
-            everyone_is_a_contact: false,
+            contacts: Vec::new(),
             echo_bot: None,
         }
     }
@@ -183,6 +183,7 @@ impl FakeCm {
                     _ = &mut stopped => return,
                 };
                 let shared = accept_shared.clone();
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let service =
                         hyper::service::service_fn(move |req| handle(shared.clone(), req));
@@ -575,10 +576,15 @@ fn process(cfg: &FakeCmConfig, s: &mut Session, stanza: Element) -> Option<Eleme
 
 /// The localparts in `user`'s roster.
 fn contacts(cfg: &FakeCmConfig, user: &str) -> Vec<String> {
-    if !cfg.everyone_is_a_contact {
+    if !cfg.contacts.iter().any(|c| c == user) {
         return Vec::new();
     }
-    let mut all: Vec<String> = cfg.users.keys().filter(|u| *u != user).cloned().collect();
+    let mut all: Vec<String> = cfg
+        .contacts
+        .iter()
+        .filter(|u| *u != user)
+        .cloned()
+        .collect();
     all.extend(cfg.echo_bot.clone());
     all.sort();
     all
@@ -667,7 +673,10 @@ fn undirected_presence(
         })
         .collect();
     if let Some(bot) = &cfg.echo_bot
-        && cfg.everyone_is_a_contact
+        && cfg
+            .contacts
+            .iter()
+            .any(|c| Some(c.as_str()) == from.local())
     {
         known.push(
             Element::new("presence", ns::CLIENT)

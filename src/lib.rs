@@ -8,6 +8,7 @@
 //! - [`session`]: one actor per user: the upstream session, its pages, the multiplexing rules.
 //! - [`page`]: one WebSocket per page: RFC 7395 handshake, checks on what pages send.
 //! - [`http`]: the router, the handoff API and the WebSocket endpoint.
+//! - [`load`]: `boshmux load`, the load tester, with a direct-BOSH baseline.
 //! - [`metrics`]: counters and histograms for `GET /metrics`.
 //! - [`state`]: the state file that lets a restart keep every session (SPEC §8).
 //! - [`server`]: `boshmux serve`: build, run, stop.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod fake_cm;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod page;
 pub mod server;

@@ -24,9 +24,14 @@ enum Command {
         /// Address to serve the demo on.
         #[arg(long, default_value = "127.0.0.1:5380")]
         listen: std::net::SocketAddr,
+        /// Extra accounts user1..userN (password pw-userN) for `boshmux load`.
+        #[arg(long, default_value_t = 0)]
+        accounts: usize,
     },
     /// Load and check the configuration, then print it with secrets hidden.
     CheckConfig(Flags),
+    /// Load-test a running daemon (or, with --direct, the XMPP server's BOSH directly).
+    Load(boshmux::load::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,9 +56,15 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Demo { listen } => {
+        Command::Demo { listen, accounts } => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(boshmux::demo::run(listen, stop_signal()))?;
+            runtime.block_on(boshmux::demo::run(listen, accounts, stop_signal()))?;
+            Ok(())
+        }
+        Command::Load(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(boshmux::load::run(args))?;
+            println!("{report}");
             Ok(())
         }
         Command::CheckConfig(flags) => {

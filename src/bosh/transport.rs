@@ -86,8 +86,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// reqwest is built without a default TLS provider so the build does not pull a second crypto
-/// library; ring is installed once, before the first client is built.
-fn install_crypto_provider() {
+/// library; ring is installed once, before the first client is built. Anything in the process
+/// that builds a `reqwest::Client` calls this first.
+pub fn install_crypto_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // Err only means another provider was installed first, which is as good.

@@ -47,10 +47,11 @@ pub enum DemoError {
 /// Runs the demo on `listen` until `stop` completes.
 pub async fn run(
     listen: SocketAddr,
+    accounts: usize,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
     let listener = TcpListener::bind(listen).await?;
-    let demo = start(listener).await?;
+    let demo = start_with(listener, accounts).await?;
     println!(
         "boshmux demo: open http://127.0.0.1:{port}/demo (then open it again in more tabs)\n\
          status page: http://127.0.0.1:{port}/status (any user name, password {key})",
@@ -67,6 +68,8 @@ pub struct Demo {
     pub addr: SocketAddr,
     /// The generated api key (the status page and the handoff API take it).
     pub api_key: String,
+    /// The development server's BOSH URL (for `boshmux load --direct`).
+    pub bosh_url: String,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     _server: FakeCm,
@@ -85,13 +88,21 @@ impl Demo {
 
 /// Starts the demo on `listener`: the development server, the daemon and the demo page.
 pub async fn start(listener: TcpListener) -> Result<Demo, DemoError> {
+    start_with(listener, 0).await
+}
+
+/// Like [`start`], with `accounts` more accounts `user1` … `userN` (password `pw-userN`) that are
+/// nobody's contacts: for load tests against the development server (`boshmux load`).
+pub async fn start_with(listener: TcpListener, accounts: usize) -> Result<Demo, DemoError> {
+    let mut users: std::collections::HashMap<String, String> = USERS
+        .iter()
+        .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
+        .collect();
+    users.extend((1..=accounts).map(|n| (format!("user{n}"), format!("pw-user{n}"))));
     let server = FakeCm::start(FakeCmConfig {
         domain: DOMAIN.into(),
-        users: USERS
-            .iter()
-            .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
-            .collect(),
-        everyone_is_a_contact: true,
+        users,
+        contacts: USERS.iter().map(|(u, _)| (*u).to_owned()).collect(),
         echo_bot: Some(BOT.into()),
         ..FakeCmConfig::default()
     })
@@ -122,6 +133,7 @@ pub async fn start(listener: TcpListener) -> Result<Demo, DemoError> {
     }));
     Ok(Demo {
         addr,
+        bosh_url: server.url(),
         api_key,
         stop,
         task,

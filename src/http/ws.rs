@@ -10,6 +10,9 @@ use super::AppState;
 use crate::page::conn::{self, PageContext};
 use crate::xmpp::{Jid, Limits};
 
+/// Initial read buffer of a page's socket; it grows for larger frames.
+const PAGE_READ_BUFFER: usize = 4096;
+
 /// The cookie the handoff sets.
 pub const COOKIE: &str = "boshmux_token";
 
@@ -72,7 +75,11 @@ pub async fn upgrade(
     // Frames somewhat over the stanza limit still arrive, so the page gets a proper stream error;
     // far larger ones are cut off by the WebSocket layer before they are buffered whole.
     let transport_limit = limits.stanza_bytes * 2;
+    // An idle page should cost a few KiB: tungstenite preallocates its read buffer (128 KiB by
+    // default), and stanzas are small. Writes go out frame by frame (the page task awaits each).
     ws.protocols(["xmpp"])
+        .read_buffer_size(PAGE_READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(transport_limit)
         .max_frame_size(transport_limit)
         .on_upgrade(move |socket| tracker.track_future(conn::run(socket, ctx)))

@@ -1,0 +1,335 @@
+//! One simulated page of `boshmux load`: a WebSocket to the daemon doing the RFC 7395 handshake
+//! with PLAIN + token, or (`--direct`) a BOSH session of its own straight to the XMPP server.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use base64::Engine as _;
+use futures_util::SinkExt as _;
+use futures_util::stream::{SplitSink, StreamExt as _};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{LoadArgs, Shared};
+use crate::bosh::{BoshClient, BoshConfig, BoshEvent, BoshHandle};
+use crate::xmpp::{self, Element, Jid, Limits, ns};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// An account of the run.
+#[derive(Debug, Clone)]
+pub(crate) struct User {
+    pub(crate) name: String,
+    pub(crate) bare: String,
+    pub(crate) password: String,
+}
+
+/// An open page.
+pub(crate) enum Page {
+    /// Through the daemon.
+    Ws {
+        sink: tokio::sync::Mutex<SplitSink<Ws, Message>>,
+        reader: JoinHandle<()>,
+    },
+    /// Straight to the XMPP server.
+    Direct {
+        handle: BoshHandle,
+        reader: JoinHandle<()>,
+    },
+}
+
+/// Hands `user` off; returns the token.
+pub(crate) async fn handoff(args: &LoadArgs, user: &User) -> Result<String, String> {
+    let body = serde_json::json!({ "jid": user.bare, "password": user.password });
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/sessions",
+            args.url.trim_end_matches('/')
+        ))
+        .bearer_auth(&args.api_key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    match json["token"].as_str() {
+        Some(t) if status < 300 => Ok(t.to_owned()),
+        _ => Err(format!(
+            "HTTP {status}: {}",
+            json["error"].as_str().unwrap_or("?")
+        )),
+    }
+}
+
+/// `boshmux_upstream_requests_total` from the daemon's metrics (not in `--direct` mode).
+pub(crate) async fn upstream_requests(args: &LoadArgs) -> Option<u64> {
+    if args.direct.is_some() {
+        return None;
+    }
+    let text = reqwest::get(format!("{}/metrics", args.url.trim_end_matches('/')))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("boshmux_upstream_requests_total "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Requests made by the direct BOSH sessions.
+pub(crate) async fn direct_requests(pages: &[Vec<Page>]) -> Option<u64> {
+    let mut total = 0;
+    let mut any = false;
+    for page in pages.iter().flatten() {
+        if let Page::Direct { handle, .. } = page {
+            any = true;
+            total += handle.stats().await.map_or(0, |s| s.requests);
+        }
+    }
+    any.then_some(total)
+}
+
+/// Opens a page for `user`; counts and times the join. `None` (with the error counted) on failure.
+pub(crate) async fn open(
+    args: &LoadArgs,
+    user: &User,
+    token: Option<&str>,
+    shared: &Arc<Shared>,
+) -> Option<Page> {
+    let started = std::time::Instant::now();
+    let page = match (&args.direct, token) {
+        (Some(url), _) => direct(url, user, shared).await,
+        (None, Some(token)) => websocket(args, user, token, shared).await,
+        (None, None) => Err("no token".into()),
+    };
+    match page {
+        Ok(page) => {
+            shared.joined.fetch_add(1, Ordering::Relaxed);
+            shared
+                .join_us
+                .lock()
+                .push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            Some(page)
+        }
+        Err(e) => {
+            shared.errors.add(format!("join: {e}"));
+            None
+        }
+    }
+}
+
+async fn websocket(
+    args: &LoadArgs,
+    user: &User,
+    token: &str,
+    shared: &Arc<Shared>,
+) -> Result<Page, String> {
+    let ws_url = format!(
+        "{}/ws",
+        args.url.trim_end_matches('/').replacen("http", "ws", 1)
+    );
+    let mut req = ws_url.into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("xmpp"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let open = format!(
+        "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='{}' version='1.0'/>",
+        args.domain
+    );
+    send(&mut ws, &open).await?;
+    expect(&mut ws, "features").await?;
+    let plain =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0{token}", user.name));
+    send(
+        &mut ws,
+        &format!(
+            "<auth xmlns='{}' mechanism='PLAIN'>{plain}</auth>",
+            ns::SASL
+        ),
+    )
+    .await?;
+    expect(&mut ws, "success").await?;
+    send(&mut ws, &open).await?;
+    expect(&mut ws, "features").await?;
+    send(
+        &mut ws,
+        &format!(
+            "<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='{}'/></iq>",
+            ns::BIND
+        ),
+    )
+    .await?;
+    expect(&mut ws, "iq").await?;
+    send(&mut ws, "<presence xmlns='jabber:client'/>").await?;
+    let (sink, mut stream) = ws.split();
+    let shared = shared.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Text(t) => received(&shared, t.as_str()),
+                Message::Close(frame) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    shared.errors.add(format!("closed by the daemon ({code})"));
+                    break;
+                }
+                _ => {}
+            }
+        }
+    });
+    Ok(Page::Ws {
+        sink: tokio::sync::Mutex::new(sink),
+        reader,
+    })
+}
+
+async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, String> {
+    let client = BoshClient::new(BoshConfig::new(url)).map_err(|e| e.to_string())?;
+    let jid = Jid::parse(&user.bare).map_err(|e| e.to_string())?;
+    let mut session = client
+        .login(&jid, &user.password, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    session
+        .handle
+        .send(Element::new("presence", ns::CLIENT))
+        .await
+        .map_err(|e| e.to_string())?;
+    let shared = shared.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(event) = session.events.recv().await {
+            match event {
+                BoshEvent::Stanza(s) => {
+                    if let Some(body) = s.child("body", ns::CLIENT) {
+                        count(&shared, &body.text());
+                    }
+                }
+                BoshEvent::Ended(Err(e)) => {
+                    shared.errors.add(format!("upstream session lost: {e}"));
+                    break;
+                }
+                BoshEvent::Ended(Ok(())) => break,
+                _ => {}
+            }
+        }
+    });
+    Ok(Page::Direct {
+        handle: session.handle,
+        reader,
+    })
+}
+
+impl Page {
+    /// Sends message `seq` stamped `sent_us` to `to`.
+    pub(crate) async fn send_message(&self, to: &str, seq: u64, sent_us: u64) -> bool {
+        let msg = Element::new("message", ns::CLIENT)
+            .with_attr("to", to)
+            .with_attr("type", "chat")
+            .with_attr("id", format!("lt{seq}"))
+            .with_child(Element::new("body", ns::CLIENT).with_text(format!("lt {seq} {sent_us}")));
+        match self {
+            Page::Ws { sink, .. } => sink
+                .lock()
+                .await
+                .send(Message::Text(msg.to_xml().into()))
+                .await
+                .is_ok(),
+            Page::Direct { handle, .. } => handle.send(msg).await.is_ok(),
+        }
+    }
+
+    /// Ends the page politely.
+    pub(crate) async fn close(self) {
+        match self {
+            Page::Ws { sink, reader } => {
+                let mut sink = sink.into_inner();
+                let _ = sink
+                    .send(Message::Text(
+                        "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>".into(),
+                    ))
+                    .await;
+                let _ = sink.close().await;
+                reader.abort();
+            }
+            Page::Direct { handle, reader } => {
+                let _ = handle.terminate(vec![]).await;
+                reader.abort();
+            }
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, text: &str) -> Result<(), String> {
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| format!("send: {e}"))
+}
+
+/// Reads frames until one whose element is named `name` (skipping `open`), failing on anything
+/// that ends the handshake.
+async fn expect(ws: &mut Ws, name: &str) -> Result<(), String> {
+    loop {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(30), ws.next())
+            .await
+            .map_err(|_| format!("no <{name}/> within 30 s"))?;
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(f))) => {
+                return Err(format!(
+                    "closed ({}) during the handshake",
+                    f.map_or(1005, |f| u16::from(f.code))
+                ));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("connection ended during the handshake".into()),
+        };
+        let el = xmpp::parse(text.as_bytes(), &Limits::PAGE).map_err(|e| e.to_string())?;
+        if el.name == name {
+            return Ok(());
+        }
+        if el.name == "failure" || el.name == "error" {
+            return Err(format!("<{}/> during the handshake", el.name));
+        }
+    }
+}
+
+/// A frame from the daemon: counts a load message (a carbon has no top-level body).
+fn received(shared: &Shared, frame: &str) {
+    if !frame.contains(">lt ") {
+        return;
+    }
+    if let Ok(el) = xmpp::parse(frame.as_bytes(), &Limits::PAGE)
+        && el.is("message", ns::CLIENT)
+        && let Some(body) = el.child("body", ns::CLIENT)
+    {
+        count(shared, &body.text());
+    }
+}
+
+fn count(shared: &Shared, body: &str) {
+    let mut parts = body.split(' ');
+    if parts.next() != Some("lt") {
+        return;
+    }
+    let (Some(_seq), Some(sent)) = (
+        parts.next(),
+        parts.next().and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        return;
+    };
+    shared.delivered.fetch_add(1, Ordering::Relaxed);
+    shared
+        .latency_us
+        .lock()
+        .push(shared.now_us().saturating_sub(sent));
+}
