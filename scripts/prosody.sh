@@ -51,11 +51,11 @@ EOF
 # `prosodyctl register` per user costs ~30 ms (a Lua start-up each), so ~100 users would cost ~3 s
 # per run; computing the SCRAM-SHA-1 credentials here the way mod_auth_internal_hashed does
 # (PBKDF2-HMAC-SHA1 over the UUID salt text, hex keys) takes a fraction of that.
-_prosody_write_users() { # DATA_DIR GROUPS
-	python3 - "$1" "$2" <<'EOF'
+_prosody_write_users() { # DATA_DIR GROUPS LOAD_USERS
+	python3 - "$1" "$2" "$3" <<'EOF'
 import hashlib, hmac, os, sys, uuid
 
-data, groups = sys.argv[1], int(sys.argv[2])
+data, groups, load_users = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 host = "localhost"  # plain ASCII host: no escaping needed in the directory name
 iterations = 10000  # Prosody's default_iteration_count
 accounts = os.path.join(data, host, "accounts")
@@ -67,21 +67,29 @@ def write(path, text):
     with open(path, "w") as f:
         f.write(text)
 
+def account(user, iterations):
+    salt = str(uuid.uuid4())
+    salted = hashlib.pbkdf2_hmac("sha1", ("pw-" + user).encode(), salt.encode(), iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha1").digest()
+    stored_key = hashlib.sha1(client_key).hexdigest()
+    server_key = hmac.new(salted, b"Server Key", "sha1").hexdigest()
+    write(os.path.join(accounts, user + ".dat"),
+          'return {\n'
+          '\t["salt"] = "%s";\n'
+          '\t["iteration_count"] = %d;\n'
+          '\t["stored_key"] = "%s";\n'
+          '\t["server_key"] = "%s";\n'
+          '};\n' % (salt, iterations, stored_key, server_key))
+
+# Accounts for `boshmux load` (scripts/bench): user1 … userN, password pw-userN, no contacts.
+# Prosody's minimum of 4096 iterations keeps writing thousands of them quick.
+for n in range(1, load_users + 1):
+    account("user%d" % n, 4096)
+
 for g in range(1, groups + 1):
     members = ["g%02d%s" % (g, letter) for letter in "abcd"]
     for user in members:
-        salt = str(uuid.uuid4())
-        salted = hashlib.pbkdf2_hmac("sha1", ("pw-" + user).encode(), salt.encode(), iterations)
-        client_key = hmac.new(salted, b"Client Key", "sha1").digest()
-        stored_key = hashlib.sha1(client_key).hexdigest()
-        server_key = hmac.new(salted, b"Server Key", "sha1").hexdigest()
-        write(os.path.join(accounts, user + ".dat"),
-              'return {\n'
-              '\t["salt"] = "%s";\n'
-              '\t["iteration_count"] = %d;\n'
-              '\t["stored_key"] = "%s";\n'
-              '\t["server_key"] = "%s";\n'
-              '};\n' % (salt, iterations, stored_key, server_key))
+        account(user, iterations)
         # Mutual "both" subscriptions written up front spare the tests a subscription dance.
         items = "".join('\t["%s@%s"] = { ["subscription"] = "both"; ["groups"] = {}; };\n' % (other, host)
                         for other in members if other != user)
@@ -168,7 +176,10 @@ prosody_start() {
 	ports=$(_prosody_free_ports) || { prosody_stop; return 1; }
 	read -r c2s_port http_port <<<"$ports"
 	_prosody_write_config "$_prosody_dir" "$c2s_port" "$http_port" || { prosody_stop; return 1; }
-	_prosody_write_users "$_prosody_dir/data" "$groups" || { prosody_stop; return 1; }
+	_prosody_write_users "$_prosody_dir/data" "$groups" "${BOSHMUX_TEST_PROSODY_LOAD_USERS:-0}" || {
+		prosody_stop
+		return 1
+	}
 
 	# -F keeps it in the foreground (mod_posix would daemonize otherwise) so that $! is its PID.
 	prosody --config "$_prosody_dir/prosody.cfg.lua" -F \
@@ -193,6 +204,7 @@ prosody_start() {
 	export BOSHMUX_TEST_PROSODY_MUC="conference.localhost"
 	export BOSHMUX_TEST_PROSODY_CONFIG="$_prosody_dir/prosody.cfg.lua"
 	export BOSHMUX_TEST_PROSODY_GROUPS="$groups"
+	export BOSHMUX_TEST_PROSODY_PID="$_prosody_pid"
 }
 
 # Every step tolerates failure: this runs from an EXIT trap, possibly under `set -e`.

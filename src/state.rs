@@ -70,6 +70,9 @@ pub struct SavedSession {
     pub mux: MuxSnapshot,
     /// Browser tokens: SHA-256 (hex) and seconds of idle life left.
     pub tokens: Vec<(String, u64)>,
+    /// When the session was first established (seconds since the Unix epoch).
+    #[serde(default)]
+    pub created: u64,
 }
 
 impl SavedSession {
@@ -80,6 +83,7 @@ impl SavedSession {
         s: Suspended,
         mux: MuxSnapshot,
         tokens: Vec<(String, u64)>,
+        created: std::time::SystemTime,
     ) -> Self {
         SavedSession {
             jid,
@@ -95,6 +99,9 @@ impl SavedSession {
             outbound: s.outbound.iter().map(Element::to_xml).collect(),
             mux,
             tokens,
+            created: created
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
     }
 

@@ -92,7 +92,8 @@ pub async fn start(listener: TcpListener) -> Result<Demo, DemoError> {
 }
 
 /// Like [`start`], with `accounts` more accounts `user1` … `userN` (password `pw-userN`) that are
-/// nobody's contacts: for load tests against the development server (`boshmux load`).
+/// nobody's contacts: for load tests against the development server (`boshmux load`). With load
+/// accounts, the limits on pages per user, page send rate and upgrade rate are lifted.
 pub async fn start_with(listener: TcpListener, accounts: usize) -> Result<Demo, DemoError> {
     let mut users: std::collections::HashMap<String, String> = USERS
         .iter()
@@ -123,6 +124,17 @@ pub async fn start_with(listener: TcpListener, accounts: usize) -> Result<Demo, 
         ],
         grace: Duration::from_secs(30),
         bosh_wait: 30,
+        limits: if accounts == 0 {
+            crate::config::Limits::default()
+        } else {
+            // Load-test accounts: lift the per-page and per-user limits a load generator hits.
+            crate::config::Limits {
+                pages_per_user: 4096,
+                page_send_rate: 1_000_000,
+                upgrade_rate: 1_000_000,
+                ..crate::config::Limits::default()
+            }
+        },
         ..Config::default()
     };
     let state = crate::server::build(config)?;

@@ -191,7 +191,6 @@ pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
             pages[u].push(page);
         }
     }
-    let joined_at = shared.start.elapsed();
 
     // Send: user i's first page writes to user i+1, at the given rate; every page of the
     // recipient should receive each message.
@@ -253,14 +252,7 @@ pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
         (None, Some(b), Some(a)) => Some(a.saturating_sub(b)),
         _ => None,
     };
-    let report = Report::build(
-        &args,
-        &shared,
-        expected,
-        joined_at,
-        upstream_requests,
-        watched,
-    );
+    let report = Report::build(&args, &shared, expected, upstream_requests, watched);
     if let Some(path) = &args.json {
         let json =
             serde_json::to_string_pretty(&report).map_err(|e| LoadError::Setup(e.to_string()))?;

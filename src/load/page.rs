@@ -136,12 +136,7 @@ async fn websocket(
         "{}/ws",
         args.url.trim_end_matches('/').replacen("http", "ws", 1)
     );
-    let mut req = ws_url.into_client_request().map_err(|e| e.to_string())?;
-    req.headers_mut()
-        .insert("sec-websocket-protocol", HeaderValue::from_static("xmpp"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut ws = connect(&ws_url).await?;
     let open = format!(
         "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='{}' version='1.0'/>",
         args.domain
@@ -251,6 +246,7 @@ impl Page {
     pub(crate) async fn close(self) {
         match self {
             Page::Ws { sink, reader } => {
+                reader.abort(); // the daemon's answering close is not an error
                 let mut sink = sink.into_inner();
                 let _ = sink
                     .send(Message::Text(
@@ -258,12 +254,33 @@ impl Page {
                     ))
                     .await;
                 let _ = sink.close().await;
-                reader.abort();
             }
             Page::Direct { handle, reader } => {
-                let _ = handle.terminate(vec![]).await;
                 reader.abort();
+                let _ = handle.terminate(vec![]).await;
             }
+        }
+    }
+}
+
+/// Opens the WebSocket; an upgrade refused for its rate (429) is retried shortly, as a browser
+/// page's reconnect would.
+async fn connect(url: &str) -> Result<Ws, String> {
+    let mut attempt = 0u32;
+    loop {
+        let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+        req.headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_static("xmpp"));
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => return Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp))
+                if resp.status() == 429 && attempt < 50 =>
+            {
+                attempt += 1;
+                let jitter = rand::random_range(50..150);
+                tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+            }
+            Err(e) => return Err(format!("connect: {e}")),
         }
     }
 }

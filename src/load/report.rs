@@ -99,7 +99,6 @@ impl Report {
         args: &LoadArgs,
         shared: &Shared,
         expected: u64,
-        _joined_at: Duration,
         upstream_requests: Option<u64>,
         watched: Vec<Watched>,
     ) -> Report {

@@ -139,9 +139,14 @@ async fn send_text(ws: &mut WebSocket, text: String) -> Result<(), Ending> {
         .map_err(|_| Ending::Gone)
 }
 
+/// Parses a handshake frame; `<close/>` there ends the stream normally (RFC 7395 §3.6).
 fn parse_stream_level(text: &str, limits: &Limits) -> Result<Element, Ending> {
-    xmpp::parse(text.as_bytes(), limits)
-        .map_err(|e| Ending::StreamError("not-well-formed", e.to_string()))
+    let el = xmpp::parse(text.as_bytes(), limits)
+        .map_err(|e| Ending::StreamError("not-well-formed", e.to_string()))?;
+    if el.is("close", ns::FRAMING) {
+        return Err(Ending::Close(NORMAL, "closed by the page"));
+    }
+    Ok(el)
 }
 
 /// Expects `<open/>` to our domain and answers it with `<open/>` and `features`.

@@ -182,6 +182,9 @@ impl Actor {
             info.jid = Some(full.to_string());
             info.upstream = "live";
             info.upstream_handle = Some(session.handle.clone());
+            if saved.created > 0 {
+                info.created = std::time::UNIX_EPOCH + Duration::from_secs(saved.created);
+            }
         }
         tracing::info!(user = %self.bare, "session resumed from the state file");
         let _ = self.ready.send(Readiness::Ready(full));
@@ -261,16 +264,26 @@ impl Actor {
                             if live && let Ok(s) = session.handle.suspend().await {
                                 let attached = !matches!(self.creds, Credentials::Password { .. });
                                 let tokens = self.registry.export_tokens(&self.bare);
-                                saved = Some(SavedSession::new(mux.jid().to_string(), attached, s, mux.snapshot(), tokens));
+                                let created = self.info.lock().created;
+                                saved = Some(SavedSession::new(
+                                    mux.jid().to_string(),
+                                    attached,
+                                    s,
+                                    mux.snapshot(),
+                                    tokens,
+                                    created,
+                                ));
                             }
                             let _ = done.send(saved);
                             return End::Close(CLOSE_RESTARTING, "daemon restarting");
                         }
                         Command::Stop { done } => {
-                            self.close_pages(CLOSE_RESTARTING, "daemon restarting");
+                            // Nothing survives this stop (no state file): a page that reconnected
+                            // would only fail to authenticate, so it is told not to.
+                            self.close_pages(CLOSE_LOST, "daemon stopped; session ended");
                             let _ = session.handle.terminate(vec![mux.farewell()]).await;
                             let _ = done.send(());
-                            return End::Close(CLOSE_RESTARTING, "daemon restarting");
+                            return End::Close(CLOSE_LOST, "daemon stopped; session ended");
                         }
                     }
                 }
