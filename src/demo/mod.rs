@@ -201,14 +201,7 @@ fn redirect(to: &'static str) -> Response {
 }
 
 fn cookie_user(st: &AppState, headers: &HeaderMap) -> Option<Jid> {
-    let token = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == http::ws::COOKIE)?
-        .1;
+    let token = http::ws::cookie_token(headers)?;
     let user = st.registry.check_token(token)?;
     st.registry.get(&user).map(|_| user)
 }

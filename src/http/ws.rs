@@ -86,7 +86,7 @@ pub async fn upgrade(
 }
 
 /// The `boshmux_token` cookie's value, if sent.
-fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
