@@ -12,6 +12,8 @@ use crate::xmpp::{Jid, Limits};
 
 /// Initial read buffer of a page's socket; it grows for larger frames.
 const PAGE_READ_BUFFER: usize = 4096;
+/// Frames are written to the socket once this many bytes are buffered, or at the batch's flush.
+const PAGE_WRITE_BATCH: usize = 8192;
 
 /// The cookie the handoff sets.
 pub const COOKIE: &str = "boshmux_token";
@@ -76,10 +78,11 @@ pub async fn upgrade(
     // far larger ones are cut off by the WebSocket layer before they are buffered whole.
     let transport_limit = limits.stanza_bytes * 2;
     // An idle page should cost a few KiB: tungstenite preallocates its read buffer (128 KiB by
-    // default), and stanzas are small. Writes go out frame by frame (the page task awaits each).
+    // default), and stanzas are small. The write buffer only grows when frames are batched (the
+    // page task flushes each batch), so an idle page has none.
     ws.protocols(["xmpp"])
         .read_buffer_size(PAGE_READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(PAGE_WRITE_BATCH)
         .max_message_size(transport_limit)
         .max_frame_size(transport_limit)
         .on_upgrade(move |socket| tracker.track_future(conn::run(socket, ctx)))

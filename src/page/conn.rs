@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::Frame;
 use super::frame::{self, PageInput, Rejection};
 use crate::metrics::Metrics;
 use crate::session::{AttachError, PageId, PageLink, PageOut, Registry, SessionHandle};
@@ -394,15 +395,9 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
             }
             out = b.out.recv() => match out {
                 Some(PageOut::Frame(f)) => {
-                    let len = f.len();
-                    let made = f.made_at();
-                    let sent = tokio::time::timeout(ctx.dead_peer_timeout, ws.send(Message::Text(f.into_inner()))).await;
-                    b.queued.fetch_sub(len, Ordering::Relaxed);
-                    if !matches!(sent, Ok(Ok(()))) {
-                        return Ending::Gone;
+                    if let Some(ending) = write_batch(ws, ctx, &mut b, f).await {
+                        return ending;
                     }
-                    ctx.metrics.frames_to_pages.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fanout_latency.observe(made.elapsed());
                 }
                 Some(PageOut::Close(code, reason)) => return Ending::Close(code, reason),
                 None => return Ending::Close(LOST, "session ended"),
@@ -418,6 +413,53 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
             () = ctx.shutdown.cancelled() => return Ending::Close(RESTARTING, "daemon restarting"),
         }
     }
+}
+
+/// Frames written to a page before one flush, at most.
+const BATCH: usize = 64;
+
+/// Writes `first` and whatever else is already queued for the page (up to [`BATCH`] frames) with
+/// one flush, so a burst costs one write system call rather than one per frame. `Some` ends the
+/// page.
+async fn write_batch(
+    ws: &mut WebSocket,
+    ctx: &PageContext,
+    b: &mut Bound,
+    first: Frame,
+) -> Option<Ending> {
+    use futures_util::SinkExt as _;
+    let mut made = Vec::with_capacity(1);
+    let mut bytes = 0;
+    let mut next = Some(first);
+    let mut ending = None;
+    let written = tokio::time::timeout(ctx.dead_peer_timeout, async {
+        while let Some(f) = next.take() {
+            bytes += f.len();
+            made.push(f.made_at());
+            ws.feed(Message::Text(f.into_inner())).await?;
+            if made.len() >= BATCH {
+                break;
+            }
+            match b.out.try_recv() {
+                Ok(PageOut::Frame(f)) => next = Some(f),
+                Ok(PageOut::Close(code, reason)) => ending = Some(Ending::Close(code, reason)),
+                Err(_) => {}
+            }
+        }
+        ws.flush().await
+    })
+    .await;
+    b.queued.fetch_sub(bytes, Ordering::Relaxed);
+    if !matches!(written, Ok(Ok(()))) {
+        return Some(Ending::Gone);
+    }
+    ctx.metrics
+        .frames_to_pages
+        .fetch_add(made.len() as u64, Ordering::Relaxed);
+    for at in made {
+        ctx.metrics.fanout_latency.observe(at.elapsed());
+    }
+    ending
 }
 
 /// Requests a page's own stream answers, without the session: the legacy session request.
