@@ -5,11 +5,10 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use boshmux::fake_cm::{FakeCm, FakeCmConfig};
+use boshmux::fake_cm::FakeCm;
 use parking_lot::Mutex;
 use support::chat;
 use support::daemon::Daemon;
@@ -19,17 +18,7 @@ const SENT_BODY: &str = "body-CANARY-91ab";
 const RECEIVED_BODY: &str = "inbound-CANARY-55c0";
 
 async fn fake() -> FakeCm {
-    let users: HashMap<String, String> = [
-        ("alice".to_owned(), PASSWORD.to_owned()),
-        ("bob".to_owned(), "pw-bob".to_owned()),
-    ]
-    .into();
-    FakeCm::start(FakeCmConfig {
-        users,
-        ..FakeCmConfig::default()
-    })
-    .await
-    .unwrap()
+    support::fake_with(&[("alice", PASSWORD), ("bob", "pw-bob")]).await
 }
 
 /// Log output captured in memory.

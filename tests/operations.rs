@@ -3,10 +3,9 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use boshmux::fake_cm::{FakeCm, FakeCmConfig};
+use boshmux::fake_cm::FakeCm;
 use boshmux::xmpp::ns;
 use support::chat;
 use support::daemon::{API_KEY, Daemon};
@@ -14,17 +13,7 @@ use support::daemon::{API_KEY, Daemon};
 const PASSWORD: &str = "pw-CANARY-7d1e4";
 
 async fn fake() -> FakeCm {
-    let users: HashMap<String, String> = [
-        ("alice".to_owned(), PASSWORD.to_owned()),
-        ("bob".to_owned(), "pw-bob".to_owned()),
-    ]
-    .into();
-    FakeCm::start(FakeCmConfig {
-        users,
-        ..FakeCmConfig::default()
-    })
-    .await
-    .unwrap()
+    support::fake_with(&[("alice", PASSWORD), ("bob", "pw-bob")]).await
 }
 
 #[tokio::test]

@@ -6,10 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use boshmux::bosh::BoshClient;
 use boshmux::xmpp::{Element, ns};
 use support::daemon::{Daemon, Page};
-use support::{body_text, chat, eventually, go_online, prosody};
+use support::{body_text, chat, eventually, prosody};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -32,13 +31,7 @@ async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhil
     let mut p1 = first.page("g25a", &h.token).await;
     let mut p2 = first.page("g25a", &h.token).await;
     p1.send(&Element::new("presence", ns::CLIENT)).await;
-    let (b_jid, b_pw) = p.user("g25b");
-    let mut b = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&b_jid, &b_pw, Some("b"))
-        .await
-        .unwrap();
-    go_online(&mut b, LIMIT).await;
+    let mut b = p.contact("g25b", "b").await;
     loop {
         let s = support::next_stanza(&mut b.events, LIMIT).await;
         if s.is("presence", ns::CLIENT) && s.attr("from") == Some("g25a@localhost/boshmux") {

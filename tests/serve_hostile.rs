@@ -6,10 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use boshmux::bosh::BoshClient;
 use boshmux::xmpp::{Element, ns};
 use support::daemon::Daemon;
-use support::{body_text, chat, go_online, next_message, prosody};
+use support::{body_text, chat, next_message, prosody};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -74,13 +73,7 @@ async fn each_hostile_frame_costs_only_the_page_that_sent_it() {
     let h = d.handoff("g20a", "pw-g20a").await;
     let mut steady = d.page("g20a", &h.token).await;
     steady.send(&Element::new("presence", ns::CLIENT)).await;
-    let (b_jid, b_pw) = p.user("g20b");
-    let mut b = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&b_jid, &b_pw, Some("b"))
-        .await
-        .unwrap();
-    go_online(&mut b, LIMIT).await;
+    let mut b = p.contact("g20b", "b").await;
     let (a_jid, _) = p.user("g20a");
 
     for (round, (name, frame, expect)) in cases().into_iter().enumerate() {
@@ -139,13 +132,7 @@ async fn a_forged_from_is_replaced_by_the_sessions_jid() {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let h = d.handoff("g20c", "pw-g20c").await;
     let mut page = d.page("g20c", &h.token).await;
-    let (b_jid, b_pw) = p.user("g20d");
-    let mut b = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&b_jid, &b_pw, Some("d"))
-        .await
-        .unwrap();
-    go_online(&mut b, LIMIT).await;
+    let mut b = p.contact("g20d", "d").await;
     page.send_raw("<message xmlns='jabber:client' from='g20a@localhost/boshmux' to='g20d@localhost' type='chat'><body>who am i</body></message>")
         .await;
     let got = next_message(&mut b.events, LIMIT).await;

@@ -4,24 +4,16 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use boshmux::config::Config;
-use boshmux::fake_cm::{FakeCm, FakeCmConfig};
+use boshmux::fake_cm::FakeCm;
 use boshmux::xmpp::ns;
 use support::chat;
 use support::daemon::{Daemon, Page};
 
 async fn fake() -> FakeCm {
-    let users: HashMap<String, String> =
-        (0..4).map(|i| (format!("u{i}"), format!("p{i}"))).collect();
-    FakeCm::start(FakeCmConfig {
-        users,
-        ..FakeCmConfig::default()
-    })
-    .await
-    .unwrap()
+    support::fake_with(&[("u0", "p0"), ("u1", "p1"), ("u2", "p2"), ("u3", "p3")]).await
 }
 
 async fn daemon(fake: &FakeCm, tune: impl FnOnce(&mut Config)) -> Daemon {

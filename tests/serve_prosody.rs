@@ -6,10 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use boshmux::bosh::{BoshClient, BoshSession};
+use boshmux::bosh::BoshSession;
 use boshmux::xmpp::{Element, Jid, ns};
 use support::daemon::{Daemon, Page};
-use support::{Prosody, body_text, chat, eventually, go_online, next_message, prosody};
+use support::{Prosody, body_text, chat, eventually, next_message, prosody};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -19,14 +19,7 @@ async fn daemon(p: &Prosody) -> Daemon {
 
 /// Another account, logged in directly over BOSH and online.
 async fn contact(p: &Prosody, user: &str) -> BoshSession {
-    let (jid, pw) = p.user(user);
-    let mut s = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&jid, &pw, Some("other"))
-        .await
-        .unwrap();
-    go_online(&mut s, LIMIT).await;
-    s
+    p.contact(user, "other").await
 }
 
 fn presence() -> Element {

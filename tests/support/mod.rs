@@ -66,6 +66,18 @@ impl Prosody {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Another account of the test Prosody, logged in directly over BOSH as `resource` and online.
+    pub async fn contact(&self, user: &str, resource: &str) -> boshmux::bosh::BoshSession {
+        let (jid, pw) = self.user(user);
+        let mut s = boshmux::bosh::BoshClient::new(self.bosh_config())
+            .unwrap()
+            .login(&jid, &pw, Some(resource))
+            .await
+            .unwrap();
+        go_online(&mut s, Duration::from_secs(15)).await;
+        s
+    }
+
     /// Full JIDs of the live client sessions of user `bare`, as the server's admin shell lists them.
     pub fn sessions_of(&self, bare: &Jid) -> Vec<String> {
         let prefix = format!("{bare}/");
@@ -223,4 +235,17 @@ pub async fn raw_login(url: &str, jid: &Jid, password: &str, resource: &str) -> 
         .expect("bind result");
     rid += 1;
     (Jid::parse(&bound).unwrap(), sid, rid)
+}
+
+/// The fake connection manager with these accounts (localpart, password), in automatic mode.
+pub async fn fake_with(users: &[(&str, &str)]) -> boshmux::fake_cm::FakeCm {
+    boshmux::fake_cm::FakeCm::start(boshmux::fake_cm::FakeCmConfig {
+        users: users
+            .iter()
+            .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
+            .collect(),
+        ..boshmux::fake_cm::FakeCmConfig::default()
+    })
+    .await
+    .unwrap()
 }
