@@ -10,8 +10,9 @@ use super::AppState;
 use crate::page::conn::{self, PageContext};
 use crate::xmpp::{Jid, Limits};
 
-/// Initial read buffer of a page's socket; it grows for larger frames.
-const PAGE_READ_BUFFER: usize = 4096;
+/// Initial read buffer of a page's socket; it grows for larger frames. Small, because idle
+/// pages are the common case (BENCHMARKS.md: 8.6 KiB per idle page with 1 KiB, 11.5 with 4).
+const PAGE_READ_BUFFER: usize = 1024;
 /// Frames are written to the socket once this many bytes are buffered, or at the batch's flush.
 const PAGE_WRITE_BATCH: usize = 8192;
 
