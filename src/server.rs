@@ -132,15 +132,16 @@ async fn stop_sessions(state: &AppState) {
         tracing::info!(sessions = count, "stopped; upstream sessions terminated");
         return;
     };
-    let suspends = sessions.iter().map(|s| s.suspend());
-    let saved: Vec<_> =
-        match tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(suspends)).await {
-            Ok(all) => all.into_iter().flatten().collect(),
-            Err(_) => {
-                tracing::warn!("sessions did not suspend within the stop limit; none saved");
-                Vec::new()
-            }
-        };
+    // Each session has the stop limit to itself: one that is still logging in (and cannot be
+    // suspended) must not cost the others their place in the file.
+    let suspends = sessions
+        .iter()
+        .map(|s| tokio::time::timeout(STOP_LIMIT, s.suspend()));
+    let saved: Vec<_> = futures_util::future::join_all(suspends)
+        .await
+        .into_iter()
+        .filter_map(|r| r.ok().flatten())
+        .collect();
     let kept = saved.len();
     match crate::state::save(path, saved) {
         Ok(()) => tracing::info!(
