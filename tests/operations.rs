@@ -125,3 +125,52 @@ async fn a_stop_without_state_file_closes_every_page_with_4004_and_ends_the_upst
     });
     assert!(terminated, "the upstream session was terminated");
 }
+
+#[tokio::test]
+async fn a_login_in_progress_neither_delays_a_stop_nor_keeps_other_sessions_out_of_the_state_file()
+{
+    let f = fake().await;
+    let dir = std::env::temp_dir().join(format!("boshmux-ops-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.json");
+    let state_file = path.clone();
+    let d = Daemon::start(&f.url(), "example.test", move |c| {
+        c.state_file = Some(state_file)
+    })
+    .await;
+    d.handoff("alice", PASSWORD).await;
+    // From now on the upstream answers nothing: bob's login hangs.
+    let _requests = f.intercept();
+    let api = d.url("/api/v1/sessions");
+    let pending = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(api)
+            .bearer_auth(support::daemon::API_KEY)
+            .header("content-type", "application/json")
+            .body(r#"{"jid":"bob@example.test","password":"pw-bob"}"#)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    support::eventually("bob's session to exist", Duration::from_secs(5), || async {
+        let (status, list) = d.api(reqwest::Method::GET, "/api/v1/sessions", None).await;
+        (status == 200 && list.as_array().is_some_and(|l| l.len() == 2)).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    d.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the stop took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        pending.await.unwrap().unwrap(),
+        503,
+        "the hand-off is told the daemon is stopping"
+    );
+    let saved = std::fs::read_to_string(&path).unwrap();
+    assert!(saved.contains("alice@example.test/boshmux"), "{saved}");
+    assert!(!saved.contains("bob@example.test"), "{saved}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

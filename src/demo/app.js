@@ -6,11 +6,13 @@ import { BoshmuxClient, xml } from "/client-js/boshmux.js";
 const DEMO_NS = "urn:boshmux:demo";
 const $ = (sel) => document.querySelector(sel);
 
-// Each page load is a tab with a short label and a colour, shown next to what it sends.
-const tab = {
-  label: Math.random().toString(16).slice(2, 4).toUpperCase(),
-  hue: Math.floor(Math.random() * 360),
-};
+// Each page load is a tab with a number and a colour, shown next to what it sends. The number
+// comes from a counter shared by this browser's tabs, so no two open tabs look alike.
+const tab = (() => {
+  const n = Number(localStorage.getItem("boshmux-demo:tabs") || "0") + 1;
+  localStorage.setItem("boshmux-demo:tabs", String(n));
+  return { label: String(n), hue: (n * 137) % 360 };
+})();
 
 function badge(label, hue) {
   const b = document.createElement("span");

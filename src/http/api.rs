@@ -116,7 +116,12 @@ async fn create(
             RegistryError::TooManyUsers => ApiError::TooManyUsers,
         })?;
     let limit = st.registry.client.config().timeouts.login + std::time::Duration::from_secs(5);
-    let full = match tokio::time::timeout(limit, session.ready()).await {
+    // A stop does not wait for a login in progress: the caller is told to try again.
+    let ready = tokio::select! {
+        r = tokio::time::timeout(limit, session.ready()) => r,
+        () = st.stopping.cancelled() => return Err(ApiError::Stopping),
+    };
+    let full = match ready {
         Ok(Readiness::Ready(full)) => full,
         Ok(Readiness::Failed {
             message,

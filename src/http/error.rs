@@ -35,6 +35,9 @@ pub enum ApiError {
     /// The login did not finish in time.
     #[error("upstream login timed out")]
     Timeout,
+    /// The daemon is stopping.
+    #[error("the daemon is stopping; try again shortly")]
+    Stopping,
 }
 
 impl ApiError {
@@ -44,7 +47,7 @@ impl ApiError {
             ApiError::OriginRefused | ApiError::BadTicket => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::TooManyUsers => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyUsers | ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::LoginRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
