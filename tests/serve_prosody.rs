@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use boshmux::bosh::BoshSession;
-use boshmux::xmpp::{Element, Jid, ns};
+use boshmux::xmpp::{Element, ns};
 use support::daemon::{Daemon, Page};
 use support::{Prosody, body_text, chat, eventually, next_message, prosody};
 
@@ -422,12 +422,6 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
         Some("me too")
     );
     d.stop().await;
-}
-
-/// Parses a JID for assertions.
-#[allow(dead_code)]
-fn jid(s: &str) -> Jid {
-    Jid::parse(s).unwrap()
 }
 
 fn muc_join(room: &str, nick: &str) -> Element {

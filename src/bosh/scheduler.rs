@@ -154,30 +154,28 @@ impl BoshHandle {
     /// The session's counters. Commands are handled in order, so this also confirms that every
     /// stanza sent before it has been queued.
     pub async fn stats(&self) -> Result<Stats, BoshError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Stats(tx))
-            .await
-            .map_err(|_| BoshError::Closed)?;
-        rx.await.map_err(|_| BoshError::Closed)
+        self.ask(Command::Stats).await
     }
 
     /// Ends the session: queued stanzas and `farewell` (e.g. unavailable presence) go in a
     /// `type='terminate'` request. Returns when it was sent (or failed to be).
     pub async fn terminate(&self, farewell: Vec<Element>) -> Result<(), BoshError> {
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Terminate { farewell, done })
-            .await
-            .map_err(|_| BoshError::Closed)?;
-        rx.await.map_err(|_| BoshError::Closed)
+        self.ask(|done| Command::Terminate { farewell, done }).await
     }
 
     /// Stops the session without ending it upstream and returns what resuming it needs.
     pub async fn suspend(&self) -> Result<Suspended, BoshError> {
+        self.ask(Command::Suspend).await
+    }
+
+    /// Sends the command `make` builds around a reply channel, and waits for the reply.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, BoshError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Suspend(tx))
+            .send(make(tx))
             .await
             .map_err(|_| BoshError::Closed)?;
         rx.await.map_err(|_| BoshError::Closed)

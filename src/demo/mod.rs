@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Form, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
@@ -19,7 +19,6 @@ use crate::bosh::Credentials;
 use crate::config::Config;
 use crate::fake_cm::{FakeCm, FakeCmConfig};
 use crate::http::{self, AppState};
-use crate::session::Readiness;
 use crate::xmpp::Jid;
 
 /// The demo's XMPP domain.
@@ -236,23 +235,11 @@ async fn login(State(st): State<AppState>, Form(pick): Form<Pick>) -> Response {
         jid: bare.clone(),
         password: (*password).to_owned(),
     };
-    let Ok((session, _)) = st.registry.get_or_create(&bare, creds) else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many users").into_response();
-    };
-    if !matches!(session.ready().await, Readiness::Ready(_)) {
-        return (StatusCode::BAD_GATEWAY, "login to the demo server failed").into_response();
+    if let Err(e) = http::api::hand_off(&st, &bare, creds).await {
+        return e.into_response();
     }
     let (token, _) = st.registry.issue_token(&bare);
-    let mut resp = redirect("/demo");
-    let cookie = format!(
-        "{}={token}; HttpOnly; SameSite=Lax; Path=/",
-        http::ws::COOKIE
-    );
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).expect("token is URL-safe"),
-    );
-    resp
+    with_cookie(redirect("/demo"), &token)
 }
 
 /// Logs the user out everywhere: every tab is closed with 4001.
@@ -262,14 +249,11 @@ async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
     {
         session.logout().await;
     }
-    let mut resp = redirect("/demo");
-    let cookie = format!(
-        "{}=; Max-Age=0; HttpOnly; SameSite=Lax; Path=/",
-        http::ws::COOKIE
-    );
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).expect("static"),
-    );
+    with_cookie(redirect("/demo"), "")
+}
+
+fn with_cookie(mut resp: Response, token: &str) -> Response {
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, http::ws::token_cookie(token, false));
     resp
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
-use super::ws::COOKIE;
+use super::ws::token_cookie;
 use crate::bosh::Credentials;
 use crate::session::{Readiness, RegistryError, SessionInfo};
 use crate::xmpp::Jid;
@@ -109,27 +109,7 @@ async fn create(
             ));
         }
     };
-    let (session, created) = st
-        .registry
-        .get_or_create(&bare, creds)
-        .map_err(|e| match e {
-            RegistryError::TooManyUsers => ApiError::TooManyUsers,
-        })?;
-    let limit = st.registry.client.config().timeouts.login + std::time::Duration::from_secs(5);
-    // A stop does not wait for a login in progress: the caller is told to try again.
-    let ready = tokio::select! {
-        r = tokio::time::timeout(limit, session.ready()) => r,
-        () = st.stopping.cancelled() => return Err(ApiError::Stopping),
-    };
-    let full = match ready {
-        Ok(Readiness::Ready(full)) => full,
-        Ok(Readiness::Failed {
-            message,
-            auth: true,
-        }) => return Err(ApiError::LoginRefused(message)),
-        Ok(Readiness::Failed { message, .. }) => return Err(ApiError::Upstream(message)),
-        Ok(Readiness::Connecting) | Err(_) => return Err(ApiError::Timeout),
-    };
+    let (full, created) = hand_off(&st, &bare, creds).await?;
     let (token, expires) = st.registry.issue_token(&bare);
     let ticket = st.registry.issue_ticket(&bare);
     let status = if created {
@@ -146,6 +126,36 @@ async fn create(
             expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
         }),
     ))
+}
+
+/// The session of `bare` — the live one, or a new one established with `creds` — once it is
+/// ready: its full JID, and whether it was created now. Shared by the API and the demo's login.
+pub(crate) async fn hand_off(
+    st: &AppState,
+    bare: &Jid,
+    creds: Credentials,
+) -> Result<(Jid, bool), ApiError> {
+    let (session, created) = st
+        .registry
+        .get_or_create(bare, creds)
+        .map_err(|e| match e {
+            RegistryError::TooManyUsers => ApiError::TooManyUsers,
+        })?;
+    let limit = st.registry.client.config().timeouts.login + std::time::Duration::from_secs(5);
+    // A stop does not wait for a login in progress: the caller is told to try again.
+    let ready = tokio::select! {
+        r = tokio::time::timeout(limit, session.ready()) => r,
+        () = st.stopping.cancelled() => return Err(ApiError::Stopping),
+    };
+    match ready {
+        Ok(Readiness::Ready(full)) => Ok((full, created)),
+        Ok(Readiness::Failed {
+            message,
+            auth: true,
+        }) => Err(ApiError::LoginRefused(message)),
+        Ok(Readiness::Failed { message, .. }) => Err(ApiError::Upstream(message)),
+        Ok(Readiness::Connecting) | Err(_) => Err(ApiError::Timeout),
+    }
 }
 
 async fn list(State(st): State<AppState>) -> Json<Vec<SessionInfo>> {
@@ -208,16 +218,9 @@ pub async fn handoff(
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|p| p.eq_ignore_ascii_case("https"));
-    let cookie = format!(
-        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/{}",
-        if https { "; Secure" } else { "" }
-    );
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let h = resp.headers_mut();
-    h.insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).expect("token is URL-safe"),
-    );
+    h.insert(header::SET_COOKIE, token_cookie(&token, https));
     h.insert(
         header::LOCATION,
         HeaderValue::from_str(&next).map_err(|_| ApiError::BadRequest("bad next".into()))?,

@@ -89,6 +89,17 @@ pub async fn upgrade(
         .on_upgrade(move |socket| tracker.track_future(conn::run(socket, ctx)))
 }
 
+/// `Set-Cookie` for a browser's token (HttpOnly, SameSite=Lax, Path=/; Secure over https). An
+/// empty token clears the cookie.
+pub(crate) fn token_cookie(token: &str, secure: bool) -> axum::http::HeaderValue {
+    let expiry = if token.is_empty() { "; Max-Age=0" } else { "" };
+    let secure = if secure { "; Secure" } else { "" };
+    axum::http::HeaderValue::from_str(&format!(
+        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/{expiry}{secure}"
+    ))
+    .expect("tokens are URL-safe")
+}
+
 /// The `boshmux_token` cookie's value, if sent.
 pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<&str> {
     headers

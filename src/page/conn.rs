@@ -58,7 +58,7 @@ pub struct PageContext {
 
 /// How a page's connection ends.
 enum Ending {
-    /// Close with this code (after `<close/>` when `stream_close`).
+    /// `<close/>`, then close with this code.
     Close(u16, &'static str),
     /// A stream error, `<close/>`, then close 1008.
     StreamError(&'static str, String),

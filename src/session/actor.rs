@@ -109,11 +109,9 @@ struct Actor {
     restore: Option<SavedSession>,
 }
 
-/// How the running session ended.
-enum End {
-    /// Pages closed with this code; upstream already gone or terminated.
-    Close(u16, &'static str),
-}
+/// How the running session ended: pages are closed with this code and reason; upstream is
+/// already gone or terminated.
+struct End(u16, &'static str);
 
 impl Actor {
     async fn run(mut self) {
@@ -192,10 +190,8 @@ impl Actor {
     }
 
     async fn serve_to_end(&mut self, session: BoshSession, mut mux: Mux) {
-        let End::Close(code, reason) = self.serve(session, &mut mux).await;
-        for (_, link) in self.pages.drain() {
-            let _ = link.tx.send(PageOut::Close(code, reason));
-        }
+        let End(code, reason) = self.serve(session, &mut mux).await;
+        self.close_pages(code, reason);
         self.finish();
     }
 
@@ -227,7 +223,7 @@ impl Actor {
             tokio::select! {
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else {
-                        return End::Close(CLOSE_RESTARTING, "daemon stopping");
+                        return End(CLOSE_RESTARTING, "daemon stopping");
                     };
                     match cmd {
                         Command::Attach { link, reply } => {
@@ -256,7 +252,7 @@ impl Actor {
                             self.close_pages(CLOSE_REVOKED, "session revoked");
                             let _ = session.handle.terminate(vec![mux.farewell()]).await;
                             let _ = done.send(());
-                            return End::Close(CLOSE_REVOKED, "session revoked");
+                            return End(CLOSE_REVOKED, "session revoked");
                         }
                         Command::Suspend { done } => {
                             self.close_pages(CLOSE_RESTARTING, "daemon restarting");
@@ -275,7 +271,7 @@ impl Actor {
                                 ));
                             }
                             let _ = done.send(saved);
-                            return End::Close(CLOSE_RESTARTING, "daemon restarting");
+                            return End(CLOSE_RESTARTING, "daemon restarting");
                         }
                         Command::Stop { done } => {
                             // Nothing survives this stop (no state file): a page that reconnected
@@ -283,7 +279,7 @@ impl Actor {
                             self.close_pages(CLOSE_LOST, "daemon stopped; session ended");
                             let _ = session.handle.terminate(vec![mux.farewell()]).await;
                             let _ = done.send(());
-                            return End::Close(CLOSE_LOST, "daemon stopped; session ended");
+                            return End(CLOSE_LOST, "daemon stopped; session ended");
                         }
                     }
                 }
@@ -298,7 +294,7 @@ impl Actor {
                         Some(BoshEvent::Retrying { .. }) => self.info.lock().upstream = "retrying",
                         Some(BoshEvent::Recovered) => self.info.lock().upstream = "live",
                         Some(BoshEvent::Ended(Ok(()))) | None => {
-                            return End::Close(CLOSE_LOST, "upstream session ended");
+                            return End(CLOSE_LOST, "upstream session ended");
                         }
                         Some(BoshEvent::Ended(Err(e))) => {
                             live = false;
@@ -307,7 +303,7 @@ impl Actor {
                                 tracing::info!(user = %self.bare, error = %e, "upstream session lost");
                                 let effects = mux.notice("lost");
                                 self.apply(effects, mux, &session, live);
-                                return End::Close(CLOSE_LOST, "upstream session lost");
+                                return End(CLOSE_LOST, "upstream session lost");
                             }
                             tracing::info!(user = %self.bare, error = %e, "upstream session lost, logging in again");
                             self.info.lock().upstream = "reconnecting";
@@ -345,9 +341,9 @@ impl Actor {
                             tracing::info!(user = %self.bare, error = %e, "re-login failed");
                             let effects = mux.notice("lost");
                             self.apply(effects, mux, &session, live);
-                            return End::Close(CLOSE_LOST, "upstream session lost");
+                            return End(CLOSE_LOST, "upstream session lost");
                         }
-                        Err(_) => return End::Close(CLOSE_LOST, "upstream session lost"),
+                        Err(_) => return End(CLOSE_LOST, "upstream session lost"),
                     }
                 }
                 () = sleep_until(grace), if grace.is_some() => {
@@ -358,7 +354,7 @@ impl Actor {
                     if let Some(task) = relogin.take() {
                         task.abort();
                     }
-                    return End::Close(CLOSE_LOST, "session ended");
+                    return End(CLOSE_LOST, "session ended");
                 }
                 () = sleep_until(iq_deadline), if iq_deadline.is_some() => {
                     let effects = mux.expire(Instant::now());
