@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::body::{Body, BodyType, SessionParams};
 use super::error::{BoshError, TransportError};
-use super::scheduler::{self, BoshSession};
+use super::scheduler::{self, BoshSession, Suspended};
 use super::transport::{PostError, Transport};
 use super::{BoshConfig, Timeouts};
 use crate::xmpp::sasl::{self, Mechanism, SaslClient};
@@ -125,21 +125,14 @@ impl BoshClient {
             accept: None,
             xmpp_version: None,
         };
-        scheduler::spawn(
-            self.transport.clone(),
-            &self.config,
-            jid,
-            params,
-            rid,
-            None,
-            Vec::new(),
-        )
+        let fresh = Suspended::fresh(params, rid, Vec::new());
+        scheduler::spawn(self.transport.clone(), &self.config, jid, None, fresh)
     }
 
     /// Continues a session suspended by [`BoshHandle::suspend`](super::BoshHandle::suspend),
     /// possibly in an earlier process: unanswered requests are resent first, byte for byte.
-    pub fn resume(&self, jid: Jid, suspended: super::Suspended) -> BoshSession {
-        scheduler::resume(self.transport.clone(), &self.config, jid, suspended)
+    pub fn resume(&self, jid: Jid, suspended: Suspended) -> BoshSession {
+        scheduler::spawn(self.transport.clone(), &self.config, jid, None, suspended)
     }
 
     async fn login_inner(
@@ -220,14 +213,13 @@ impl BoshClient {
         tracing::debug!("resource bound");
 
         let early: Vec<Element> = x.early.into_iter().chain(x.inbox).collect();
+        let fresh = Suspended::fresh(params, x.rid, early);
         Ok(scheduler::spawn(
             self.transport.clone(),
             cfg,
             full,
-            params,
-            x.rid,
             Some(features),
-            early,
+            fresh,
         ))
     }
 

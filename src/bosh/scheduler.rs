@@ -118,6 +118,19 @@ pub struct Suspended {
     pub outbound: Vec<Element>,
 }
 
+impl Suspended {
+    /// A session at `next_rid` with nothing pending but `inbound` stanzas to hand on.
+    pub(crate) fn fresh(params: SessionParams, next_rid: u64, inbound: Vec<Element>) -> Self {
+        Suspended {
+            params,
+            next_rid,
+            unanswered: Vec::new(),
+            inbound,
+            outbound: Vec::new(),
+        }
+    }
+}
+
 /// Sends to a session. The session ends (with a clean terminate) when every handle is dropped.
 ///
 /// Backpressure: `send` waits while the session has [`OUTBOX_CAP`] stanzas queued. An owner that
@@ -192,62 +205,23 @@ impl BoshHandle {
     }
 }
 
-/// Starts the scheduler for an established session whose next rid is `rid`; `early` stanzas are
-/// delivered first.
+/// Starts the scheduler for an established session in state `s`: its unanswered requests are
+/// resent first, its inbound stanzas handed on first, its outbound ones queued. A session just
+/// logged in or attached is one with nothing pending ([`Suspended::fresh`]).
 pub(crate) fn spawn(
     transport: Transport,
     config: &BoshConfig,
     jid: Jid,
-    params: SessionParams,
-    rid: u64,
     features: Option<Element>,
-    early: Vec<Element>,
-) -> BoshSession {
-    spawn_with(
-        transport,
-        config,
-        jid,
-        params,
-        rid,
-        features,
-        early,
-        Vec::new(),
-        Vec::new(),
-    )
-}
-
-/// Starts the scheduler for a suspended session: the unanswered requests are resent first.
-pub(crate) fn resume(
-    transport: Transport,
-    config: &BoshConfig,
-    jid: Jid,
     s: Suspended,
 ) -> BoshSession {
-    spawn_with(
-        transport,
-        config,
-        jid,
-        s.params,
-        s.next_rid,
-        None,
-        s.inbound,
-        s.unanswered,
-        s.outbound,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spawn_with(
-    transport: Transport,
-    config: &BoshConfig,
-    jid: Jid,
-    params: SessionParams,
-    rid: u64,
-    features: Option<Element>,
-    early: Vec<Element>,
-    resend: Vec<(u64, Bytes)>,
-    outbound: Vec<Element>,
-) -> BoshSession {
+    let Suspended {
+        params,
+        next_rid: rid,
+        unanswered: resend,
+        inbound: early,
+        outbound,
+    } = s;
     let (tx, commands) = mpsc::channel(CHANNEL_CAP);
     let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
     let wait = Duration::from_secs(u64::from(params.wait));
