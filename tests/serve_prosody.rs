@@ -388,9 +388,24 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
         .with_attr("id", "notices")
         .with_child(Element::new("enable", ns::BOSHMUX_STATUS));
     assert_eq!(page.iq(enable).await.attr("type"), Some("result"));
+    // A second page that did not ask for status notices.
+    let mut quiet = d.page("g19a", &h.token).await;
     page.send(&presence()).await;
     let mut b = contact(&p, "g19b").await;
     sees_online(&mut page, "g19b@localhost").await;
+    // The contact sees the user online.
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("presence", ns::CLIENT) && s.attr("from") == Some("g19a@localhost/boshmux") {
+            break;
+        }
+    }
+    let room = "g19room@conference.localhost";
+    let in_room = |e: &Element| {
+        is_self_presence(e) && e.attr("from") == Some("g19room@conference.localhost/ay")
+    };
+    page.send(&muc_join(room, "ay")).await;
+    page.next_where(in_room).await;
 
     p.shell("c2s:close('g19a@localhost/boshmux')");
     let notice = |state: &'static str| {
@@ -401,6 +416,8 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
     };
     page.next_where(notice("reconnecting")).await;
     page.next_where(notice("restored")).await;
+    // The room was joined again by the new upstream session.
+    page.next_where(in_room).await;
     let (jid, _) = p.user("g19a");
     assert_eq!(
         p.sessions_of(&jid),
@@ -408,6 +425,18 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
         "same resource after re-login"
     );
     assert_eq!(d.info("g19a@localhost").await["relogins"], 1);
+    // Presence was restored: after the server's offline for the lost session, online again.
+    let mut seen = Vec::new();
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("presence", ns::CLIENT) && s.attr("from") == Some("g19a@localhost/boshmux") {
+            seen.push(s.attr("type").unwrap_or("available").to_owned());
+            if seen.last().map(String::as_str) == Some("available") {
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, ["unavailable", "available"]);
     b.handle
         .send(chat("g19a@localhost", "after the restore"))
         .await
@@ -415,6 +444,19 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
     assert_eq!(
         body_text(&page.next_message().await).as_deref(),
         Some("after the restore")
+    );
+    // The page that did not opt in saw no notice: its next message is the contact's.
+    let next = quiet
+        .next_where(|e| {
+            e.is("message", ns::CLIENT)
+                && (e.child("body", ns::CLIENT).is_some()
+                    || e.child("status", ns::BOSHMUX_STATUS).is_some())
+        })
+        .await;
+    assert_eq!(
+        body_text(&next).as_deref(),
+        Some("after the restore"),
+        "{next}"
     );
     page.send(&chat("g19b@localhost", "me too")).await;
     assert_eq!(

@@ -410,7 +410,16 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
                     return Ending::Gone;
                 }
             }
-            () = ctx.shutdown.cancelled() => return Ending::Close(RESTARTING, "daemon restarting"),
+            () = ctx.shutdown.cancelled() => {
+                // A close the session already decided on (4004 when nothing survives the stop)
+                // wins over the generic restart; select! may see both ready at once.
+                while let Ok(out) = b.out.try_recv() {
+                    if let PageOut::Close(code, reason) = out {
+                        return Ending::Close(code, reason);
+                    }
+                }
+                return Ending::Close(RESTARTING, "daemon restarting");
+            }
         }
     }
 }
