@@ -235,7 +235,7 @@ impl FakeCm {
         let st = self.shared.state.lock();
         st.sessions
             .values()
-            .find(|s| s.jid.as_ref().is_some_and(|j| j.to_string() == jid))
+            .find(|s| s.jid.is_some() && s.jid.as_ref() == Jid::parse(jid).ok().as_ref())
             .map(|s| s.received.clone())
             .unwrap_or_default()
     }
@@ -253,10 +253,11 @@ fn deliver(st: &mut State, to: &str, stanza: &Element) -> usize {
     let mut n = 0;
     for s in st.sessions.values_mut() {
         let Some(jid) = &s.jid else { continue };
-        let hit = if to.contains('/') {
-            jid.to_string() == to
-        } else {
-            jid.to_bare().to_string() == to
+        // Addresses compared prepared, as a server does (SPEC §3a).
+        let hit = match Jid::parse(to) {
+            Ok(to) if to.is_bare() => jid.to_bare() == to,
+            Ok(to) => *jid == to,
+            Err(_) => false,
         };
         if hit {
             s.pending.push_back(stanza.clone());
@@ -526,9 +527,11 @@ fn process(cfg: &FakeCmConfig, s: &mut Session, stanza: Element) -> Option<Eleme
     }
     let jid = s.jid.clone()?;
     s.received.push(stanza.clone());
-    let to_server = stanza
-        .attr("to")
-        .is_none_or(|t| t == cfg.domain || t == jid.to_bare().to_string());
+    let to_server = stanza.attr("to").is_none_or(|t| {
+        Jid::parse(t).is_ok_and(|t| {
+            t == jid.to_bare() || (t.local().is_none() && t.is_bare() && t.domain() == cfg.domain)
+        })
+    });
     if stanza.is("iq", ns::CLIENT)
         && to_server
         && matches!(stanza.attr("type"), Some("get" | "set"))

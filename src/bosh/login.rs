@@ -231,7 +231,7 @@ impl BoshClient {
         password: &str,
     ) -> Result<(), BoshError> {
         let authcid = jid.local().unwrap_or(jid.domain());
-        let mut sasl = SaslClient::new(mechanism, authcid, password);
+        let mut sasl = SaslClient::new(mechanism, authcid, password)?;
         let auth = Element::new("auth", ns::SASL)
             .with_attr("mechanism", mechanism.name())
             .with_text(encode_payload(&sasl.initial_response()));

@@ -56,7 +56,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /api/v1/sessions` body: a password login, or an attach.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     jid: String,
@@ -65,13 +65,33 @@ pub struct CreateRequest {
     rid: Option<u64>,
 }
 
+impl std::fmt::Debug for CreateRequest {
+    // By hand: neither the password nor the sid may reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateRequest")
+            .field("jid", &self.jid)
+            .field("rid", &self.rid)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `POST /api/v1/sessions` answer.
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub struct CreateResponse {
     jid: String,
     token: String,
     ticket: String,
     expires_at: String,
+}
+
+impl std::fmt::Debug for CreateResponse {
+    // By hand: the token and ticket are credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateResponse")
+            .field("jid", &self.jid)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 async fn create(
@@ -88,10 +108,15 @@ async fn create(
     }
     let bare = jid.to_bare();
     let creds = match (req.password, req.sid, req.rid) {
-        (Some(password), None, None) => Credentials::Password {
-            jid: bare.clone(),
-            password,
-        },
+        (Some(password), None, None) => {
+            // A password no server can accept is the caller's error, not the server's.
+            crate::xmpp::sasl::prepare_password(&password)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            Credentials::Password {
+                jid: bare.clone(),
+                password,
+            }
+        }
         (None, Some(sid), Some(rid)) => {
             if jid.resource().is_none() {
                 return Err(ApiError::BadRequest(
@@ -187,10 +212,19 @@ async fn logout(
 }
 
 /// `GET /handoff` query.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 pub struct HandoffQuery {
     ticket: String,
     next: Option<String>,
+}
+
+impl std::fmt::Debug for HandoffQuery {
+    // By hand: the ticket is a credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandoffQuery")
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Redeems a ticket: sets a fresh `boshmux_token` cookie and redirects to `next`.

@@ -17,7 +17,7 @@ use super::Frame;
 use super::frame::{self, PageInput, Rejection};
 use crate::metrics::Metrics;
 use crate::session::{AttachError, PageId, PageLink, PageOut, Registry, SessionHandle};
-use crate::xmpp::{self, Element, Jid, Limits, ns};
+use crate::xmpp::{self, Element, Jid, Limits, ns, sasl};
 
 /// Close codes (SPEC §4).
 const NORMAL: u16 = 1000;
@@ -164,10 +164,12 @@ async fn open_stream(
             "expected <open/>".into(),
         ));
     }
-    if !open
+    // The domain as any spelling of it (SPEC §3a): `to` is prepared like every JID.
+    let to_us = open
         .attr("to")
-        .is_some_and(|to| to.eq_ignore_ascii_case(&ctx.domain))
-    {
+        .and_then(|to| Jid::parse(to).ok())
+        .is_some_and(|to| to.local().is_none() && to.is_bare() && to.domain() == ctx.domain);
+    if !to_us {
         return Err(Ending::StreamError(
             "host-unknown",
             format!("this service is {}", ctx.domain),
@@ -287,9 +289,13 @@ fn authenticate(ctx: &PageContext, auth: &Element) -> Result<(Jid, SessionHandle
             else {
                 return Err("incorrect-encoding");
             };
-            let user = ctx.registry.check_token(token).ok_or("not-authorized")?;
-            // The authcid names the account the token belongs to: localpart or bare JID.
-            if authcid != user.local().unwrap_or_default() && authcid != user.to_string() {
+            // RFC 4616 §2: both strings are prepared with SASLprep, as the server would.
+            let token = sasl::prepare_password(token).map_err(|_| "not-authorized")?;
+            let authcid = sasl::prepare_username(authcid).map_err(|_| "not-authorized")?;
+            let user = ctx.registry.check_token(&token).ok_or("not-authorized")?;
+            // The authcid names the account the token belongs to: its localpart or bare JID,
+            // in any spelling that prepares to it.
+            if !names_account(&authcid, &user) {
                 return Err("not-authorized");
             }
             (authzid.to_owned(), user)
@@ -300,11 +306,22 @@ fn authenticate(ctx: &PageContext, auth: &Element) -> Result<(Jid, SessionHandle
         }
         _ => return Err("invalid-mechanism"),
     };
-    if !authzid.is_empty() && authzid != user.to_string() {
+    if !authzid.is_empty() && Jid::parse(&authzid).ok().as_ref() != Some(&user) {
         return Err("invalid-authzid");
     }
     let session = ctx.registry.get(&user).ok_or("not-authorized")?;
     Ok((user, session))
+}
+
+/// Whether a PLAIN authcid names `user` (a bare JID): as a localpart of the user's domain, or as
+/// the bare JID, compared in canonical form.
+fn names_account(authcid: &str, user: &Jid) -> bool {
+    let as_jid = if authcid.contains('@') {
+        Jid::parse(authcid)
+    } else {
+        Jid::parse(&format!("{authcid}@{}", user.domain()))
+    };
+    as_jid.is_ok_and(|j| &j == user)
 }
 
 fn sasl_failure(condition: &str) -> String {
@@ -482,4 +499,26 @@ fn local_answer(stanza: &Element, jid: &Jid) -> Option<Element> {
             .with_attr("id", stanza.attr("id").unwrap_or_default())
             .with_attr("to", jid.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_authcid_names_the_account_in_any_spelling() {
+        let zoe = Jid::parse("zoë@localhost").unwrap();
+        for authcid in [
+            "zoë",
+            "ZOË",
+            "zoe\u{308}",
+            "zoë@localhost",
+            "ZOË@LocalHost.",
+        ] {
+            assert!(names_account(authcid, &zoe), "{authcid:?}");
+        }
+        for authcid in ["zoe", "bob", "zoë@elsewhere", "zoë@localhost/r", "", "a b"] {
+            assert!(!names_account(authcid, &zoe), "{authcid:?}");
+        }
+    }
 }

@@ -9,10 +9,10 @@
 //! Channel binding is not supported: the GS2 header is always `n,,` and the `-PLUS` variants are
 //! never chosen, because the upstream link is plain HTTP. No authorization identity is sent.
 //!
-//! SASLprep (RFC 4013) is not applied. The username and password are used as their UTF-8 bytes, and
-//! the username only gets the SCRAM escaping of `=` and `,`. This matches SASLprep for ASCII
-//! credentials without control characters. Other credentials can fail against a server that
-//! normalises them.
+//! The username and password are prepared with SASLprep (RFC 4013, as RFC 5802 §2.2 and RFC 4616
+//! ask) before use, as the server does on its side (Prosody also prepares a password with SASLprep
+//! when it stores its hash): a password with a no-break space or a compatibility character logs in
+//! whichever spelling was registered. The SCRAM username is then escaped (`=`, `,`).
 
 use std::fmt;
 use std::mem;
@@ -134,6 +134,30 @@ pub enum SaslError {
     /// for example `invalid-proof`.
     #[error("server error: {0}")]
     ServerError(String),
+    /// The username or password fails SASLprep (RFC 4013): it holds a character the profile
+    /// prohibits (a control character, a private-use or unassigned code point, …) or breaks the
+    /// bidirectional-text rule. No server can accept it. The password's own characters are never
+    /// part of the message.
+    #[error("{0} fails SASLprep (RFC 4013)")]
+    Prep(&'static str),
+}
+
+/// SASLprep (RFC 4013) of a password: what the server hashes and compares.
+///
+/// # Errors
+///
+/// [`SaslError::Prep`] when the password contains a character SASLprep prohibits.
+pub fn prepare_password(password: &str) -> Result<std::borrow::Cow<'_, str>, SaslError> {
+    stringprep::saslprep(password).map_err(|_| SaslError::Prep("password"))
+}
+
+/// SASLprep (RFC 4013) of a username (the account's localpart, already nodeprepped).
+///
+/// # Errors
+///
+/// [`SaslError::Prep`] when the username contains a character SASLprep prohibits.
+pub fn prepare_username(username: &str) -> Result<std::borrow::Cow<'_, str>, SaslError> {
+    stringprep::saslprep(username).map_err(|_| SaslError::Prep("username"))
 }
 
 /// The client half of one SASL authentication exchange.
@@ -202,15 +226,19 @@ impl fmt::Debug for SaslClient {
 }
 
 impl SaslClient {
-    /// Creates a client that logs in as `authcid` (the account's localpart) with `password`. For
-    /// SCRAM, it generates a random client nonce from the thread-local CSPRNG.
+    /// Creates a client that logs in as `authcid` (the account's localpart) with `password`, both
+    /// prepared with SASLprep. For SCRAM, it generates a random client nonce from the
+    /// thread-local CSPRNG.
+    ///
+    /// # Errors
+    ///
+    /// [`SaslError::Prep`] when `authcid` or `password` fails SASLprep.
     ///
     /// # Panics
     ///
     /// Panics only if the operating system's random source fails while the thread-local generator
     /// is seeded (see `rand::rng`). Server input cannot cause this panic.
-    #[must_use]
-    pub fn new(mechanism: Mechanism, authcid: &str, password: &str) -> Self {
+    pub fn new(mechanism: Mechanism, authcid: &str, password: &str) -> Result<Self, SaslError> {
         let nonce = Alphanumeric.sample_string(&mut rand::rng(), NONCE_LEN);
         Self::build(mechanism, authcid, password, nonce)
     }
@@ -218,18 +246,28 @@ impl SaslClient {
     /// Like [`new`](Self::new), but with a fixed client nonce, so that the RFC test vectors can be
     /// reproduced.
     #[cfg(test)]
-    fn with_nonce(mechanism: Mechanism, authcid: &str, password: &str, nonce: &str) -> Self {
+    fn with_nonce(
+        mechanism: Mechanism,
+        authcid: &str,
+        password: &str,
+        nonce: &str,
+    ) -> Result<Self, SaslError> {
         Self::build(mechanism, authcid, password, nonce.to_owned())
     }
 
-    fn build(mechanism: Mechanism, authcid: &str, password: &str, nonce: String) -> Self {
-        Self {
+    fn build(
+        mechanism: Mechanism,
+        authcid: &str,
+        password: &str,
+        nonce: String,
+    ) -> Result<Self, SaslError> {
+        Ok(Self {
             mechanism,
-            authcid: authcid.to_owned(),
-            password: password.to_owned(),
+            authcid: prepare_username(authcid)?.into_owned(),
+            password: prepare_password(password)?.into_owned(),
             nonce,
             state: State::Start,
-        }
+        })
     }
 
     /// The mechanism this client runs. Its [`name`](Mechanism::name) goes in `<auth mechanism=…>`.
@@ -565,7 +603,8 @@ mod tests {
 
     /// A SCRAM-SHA-1 client with the RFC nonce, past the initial response.
     fn sha1_client() -> SaslClient {
-        let mut c = SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE);
+        let mut c =
+            SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE).unwrap();
         let _ = c.initial_response();
         c
     }
@@ -588,7 +627,8 @@ mod tests {
 
     #[test]
     fn scram_sha1_rfc5802_example() {
-        let mut c = SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE);
+        let mut c =
+            SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE).unwrap();
         assert_eq!(
             c.initial_response(),
             b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL"
@@ -600,9 +640,79 @@ mod tests {
         assert_eq!(c.success(SHA1_SERVER_FINAL.as_bytes()), Ok(()));
     }
 
+    /// RFC 4013 §3's examples, and spellings that SASLprep maps to the RFC vectors' "user" and
+    /// "pencil": each reproduces the vectors byte for byte.
+    #[test]
+    fn saslprep_applies_to_username_and_password() {
+        assert_eq!(prepare_password("I\u{ad}X").unwrap(), "IX");
+        assert_eq!(prepare_password("user").unwrap(), "user");
+        assert_eq!(prepare_password("USER").unwrap(), "USER");
+        assert_eq!(prepare_password("\u{aa}").unwrap(), "a");
+        assert_eq!(prepare_password("\u{2168}").unwrap(), "IX");
+        assert_eq!(prepare_password("pass\u{a0}word").unwrap(), "pass word");
+        assert_eq!(prepare_password("\u{7}"), Err(SaslError::Prep("password")));
+        assert_eq!(
+            prepare_password("\u{627}1"),
+            Err(SaslError::Prep("password"))
+        );
+        assert_eq!(
+            SaslError::Prep("password").to_string(),
+            "password fails SASLprep (RFC 4013)"
+        );
+
+        for (user, password) in [
+            ("user", "pen\u{ad}cil"),
+            ("us\u{ad}er", "pencil"),
+            ("user", "\u{ff50}encil"), // FULLWIDTH LATIN SMALL LETTER P
+        ] {
+            let mut c =
+                SaslClient::with_nonce(Mechanism::ScramSha1, user, password, SHA1_NONCE).unwrap();
+            assert_eq!(
+                c.initial_response(),
+                b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL"
+            );
+            assert_eq!(
+                c.challenge(SHA1_SERVER_FIRST.as_bytes()).as_deref(),
+                Ok(SHA1_CLIENT_FINAL.as_bytes())
+            );
+            let mut c =
+                SaslClient::with_nonce(Mechanism::ScramSha256, user, password, SHA256_NONCE)
+                    .unwrap();
+            assert_eq!(c.initial_response(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
+            assert_eq!(
+                c.challenge(SHA256_SERVER_FIRST.as_bytes()).as_deref(),
+                Ok(SHA256_CLIENT_FINAL.as_bytes())
+            );
+            assert_eq!(c.success(SHA256_SERVER_FINAL.as_bytes()), Ok(()));
+        }
+    }
+
+    /// A no-break space (U+00A0) in a password is a space to the server: the proof is the one
+    /// computed from the password with a plain space, with either hash.
+    #[test]
+    fn no_break_space_in_a_password_is_a_space() {
+        for (mechanism, nonce, server_first) in [
+            (Mechanism::ScramSha1, SHA1_NONCE, SHA1_SERVER_FIRST),
+            (Mechanism::ScramSha256, SHA256_NONCE, SHA256_SERVER_FIRST),
+        ] {
+            let proof = |password: &str| {
+                let mut c = SaslClient::with_nonce(mechanism, "user", password, nonce).unwrap();
+                let _ = c.initial_response();
+                c.challenge(server_first.as_bytes()).unwrap()
+            };
+            assert_eq!(proof("pen\u{a0}cil"), proof("pen cil"), "{mechanism:?}");
+            assert_ne!(proof("pen\u{a0}cil"), proof("pencil"), "{mechanism:?}");
+        }
+        let mut plain = SaslClient::new(Mechanism::Plain, "user", "a\u{a0}b").unwrap();
+        assert_eq!(plain.initial_response(), b"\0user\0a b");
+        let refused = SaslClient::new(Mechanism::ScramSha256, "user", "bell\u{7}");
+        assert_eq!(refused.err(), Some(SaslError::Prep("password")));
+    }
+
     #[test]
     fn scram_sha256_rfc7677_example() {
-        let mut c = SaslClient::with_nonce(Mechanism::ScramSha256, "user", "pencil", SHA256_NONCE);
+        let mut c =
+            SaslClient::with_nonce(Mechanism::ScramSha256, "user", "pencil", SHA256_NONCE).unwrap();
         assert_eq!(c.initial_response(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         assert_eq!(
             c.challenge(SHA256_SERVER_FIRST.as_bytes()).as_deref(),
@@ -661,7 +771,8 @@ mod tests {
     fn success_before_exchange_completes() {
         let mut c = sha1_client();
         assert_eq!(c.success(b""), Err(SaslError::UnexpectedSuccess));
-        let mut c = SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE);
+        let mut c =
+            SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE).unwrap();
         assert_eq!(
             c.success(SHA1_SERVER_FINAL.as_bytes()),
             Err(SaslError::UnexpectedSuccess)
@@ -853,7 +964,8 @@ mod tests {
     fn truncated_server_messages_never_panic() {
         for end in 0..=SHA256_SERVER_FIRST.len() {
             let mut c =
-                SaslClient::with_nonce(Mechanism::ScramSha256, "user", "pencil", SHA256_NONCE);
+                SaslClient::with_nonce(Mechanism::ScramSha256, "user", "pencil", SHA256_NONCE)
+                    .unwrap();
             let _ = c.initial_response();
             let _ = c.challenge(&SHA256_SERVER_FIRST.as_bytes()[..end]);
         }
@@ -865,7 +977,7 @@ mod tests {
 
     #[test]
     fn unexpected_challenges() {
-        let mut plain = SaslClient::new(Mechanism::Plain, "user", "pencil");
+        let mut plain = SaslClient::new(Mechanism::Plain, "user", "pencil").unwrap();
         let _ = plain.initial_response();
         assert_eq!(plain.challenge(b""), Err(SaslError::UnexpectedChallenge));
         assert_eq!(
@@ -874,7 +986,8 @@ mod tests {
         );
 
         // Before the initial response.
-        let mut c = SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE);
+        let mut c =
+            SaslClient::with_nonce(Mechanism::ScramSha1, "user", "pencil", SHA1_NONCE).unwrap();
         assert_eq!(
             c.challenge(SHA1_SERVER_FIRST.as_bytes()),
             Err(SaslError::UnexpectedChallenge)
@@ -908,7 +1021,7 @@ mod tests {
 
     #[test]
     fn plain_encoding() {
-        let mut c = SaslClient::new(Mechanism::Plain, "juliet", "r0m30,=\u{e9}");
+        let mut c = SaslClient::new(Mechanism::Plain, "juliet", "r0m30,=\u{e9}").unwrap();
         assert_eq!(c.mechanism(), Mechanism::Plain);
         assert_eq!(c.initial_response(), b"\0juliet\0r0m30,=\xc3\xa9");
         assert_eq!(c.success(b""), Ok(()));
@@ -916,20 +1029,20 @@ mod tests {
 
     #[test]
     fn plain_success_before_auth() {
-        let mut c = SaslClient::new(Mechanism::Plain, "juliet", "r0m30");
+        let mut c = SaslClient::new(Mechanism::Plain, "juliet", "r0m30").unwrap();
         assert_eq!(c.success(b""), Err(SaslError::UnexpectedSuccess));
     }
 
     #[test]
     fn username_is_escaped() {
-        let mut c = SaslClient::with_nonce(Mechanism::ScramSha256, "a=b,c", "pw", "abc");
+        let mut c = SaslClient::with_nonce(Mechanism::ScramSha256, "a=b,c", "pw", "abc").unwrap();
         assert_eq!(c.initial_response(), b"n,,n=a=3Db=2Cc,r=abc");
     }
 
     #[test]
     fn random_nonce() {
-        let mut a = SaslClient::new(Mechanism::ScramSha256, "user", "pencil");
-        let b = SaslClient::new(Mechanism::ScramSha256, "user", "pencil");
+        let mut a = SaslClient::new(Mechanism::ScramSha256, "user", "pencil").unwrap();
+        let b = SaslClient::new(Mechanism::ScramSha256, "user", "pencil").unwrap();
         let first = String::from_utf8(a.initial_response()).unwrap();
         let nonce = first.strip_prefix("n,,n=user,r=").unwrap();
         assert!(nonce.len() >= 24);
@@ -939,7 +1052,7 @@ mod tests {
 
     #[test]
     fn debug_hides_password() {
-        let c = SaslClient::new(Mechanism::Plain, "juliet", "s3cret");
+        let c = SaslClient::new(Mechanism::Plain, "juliet", "s3cret").unwrap();
         let shown = format!("{c:?}");
         assert!(
             shown.contains("juliet") && !shown.contains("s3cret"),
