@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The daemon's settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The daemon's settings. `Debug` hides the api key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Config {
     /// Address the daemon listens on.
     pub listen: SocketAddr,
@@ -30,6 +30,38 @@ pub struct Config {
     pub token_ttl: Duration,
     /// Limits of SPEC §9.
     pub limits: Limits,
+}
+
+impl std::fmt::Debug for Config {
+    // Every field named, so that a new one is a compile error here rather than a leak.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Config {
+            listen,
+            bosh_url,
+            xmpp_domain,
+            api_key,
+            allowed_origins,
+            grace,
+            state_file,
+            bosh_wait,
+            resource,
+            token_ttl,
+            limits,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("bosh_url", bosh_url)
+            .field("xmpp_domain", xmpp_domain)
+            .field("api_key", &api_key.as_ref().map(|_| "<hidden>"))
+            .field("allowed_origins", allowed_origins)
+            .field("grace", grace)
+            .field("state_file", state_file)
+            .field("bosh_wait", bosh_wait)
+            .field("resource", resource)
+            .field("token_ttl", token_ttl)
+            .field("limits", limits)
+            .finish()
+    }
 }
 
 /// Limits with defaults (SPEC §9).
@@ -142,8 +174,78 @@ pub enum ConfigError {
     },
 }
 
+/// Something in the configuration that is ignored, said as a warning (SPEC §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigWarning {
+    /// A `BOSHMUX_*` environment variable that names no setting. Not an error: wrapper scripts
+    /// share the prefix (e.g. their own `BOSHMUX_BIN`).
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// The variable of the setting whose name is closest, if any is close.
+        closest: Option<String>,
+    },
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigWarning::UnknownEnv { var, closest } => {
+                write!(
+                    f,
+                    "environment variable {var} is not a boshmux setting; ignored"
+                )?;
+                if let Some(closest) = closest {
+                    write!(f, " (did you mean {closest}?)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Every key [`Config::set`] takes, for suggestions.
+const KEYS: &[&str] = &[
+    "listen",
+    "bosh_url",
+    "xmpp_domain",
+    "api_key",
+    "allowed_origins",
+    "grace",
+    "state_file",
+    "token_ttl",
+    "bosh_wait",
+    "resource",
+    "limits.pages_per_user",
+    "limits.users",
+    "limits.stanza_bytes",
+    "limits.page_queue_bytes",
+    "limits.page_send_rate",
+    "limits.ws_ping_interval",
+    "limits.ws_dead_peer_timeout",
+    "limits.handshake_timeout",
+    "limits.upgrade_rate",
+    "limits.offline_buffer",
+    "limits.iq_timeout",
+];
+
+/// The environment variable that sets `key`.
+fn env_var_of(key: &str) -> String {
+    format!("BOSHMUX_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// The known key most like `key` (Jaro-Winkler similarity at least 0.8), if any.
+fn closest_key(key: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .map(|k| (strsim::jaro_winkler(key, k), *k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
 /// Settings given as command-line flags (SPEC §2); `None` leaves the earlier source's value.
-#[derive(Clone, Debug, Default, clap::Args)]
+/// `Debug` hides the api key.
+#[derive(Clone, Default, clap::Args)]
 pub struct Flags {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
@@ -171,12 +273,52 @@ pub struct Flags {
     pub state_file: Option<String>,
 }
 
+impl std::fmt::Debug for Flags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Flags {
+            config,
+            listen,
+            bosh_url,
+            xmpp_domain,
+            api_key,
+            allow_origin,
+            grace,
+            state_file,
+        } = self;
+        f.debug_struct("Flags")
+            .field("config", config)
+            .field("listen", listen)
+            .field("bosh_url", bosh_url)
+            .field("xmpp_domain", xmpp_domain)
+            .field("api_key", &api_key.as_ref().map(|_| "<hidden>"))
+            .field("allow_origin", allow_origin)
+            .field("grace", grace)
+            .field("state_file", state_file)
+            .finish()
+    }
+}
+
 impl Config {
     /// Loads the file named in `flags` (if any), then `env` (`BOSHMUX_*` pairs), then `flags`.
+    /// Warnings (see [`Config::load_with_warnings`]) are logged at `warn`.
     pub fn load(
         flags: &Flags,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let (cfg, warnings) = Config::load_with_warnings(flags, env)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(cfg)
+    }
+
+    /// Like [`Config::load`], handing back what was ignored instead of logging it: unknown
+    /// `BOSHMUX_*` variables, each with the closest setting's variable.
+    pub fn load_with_warnings(
+        flags: &Flags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Vec<ConfigWarning>), ConfigError> {
+        let mut warnings = Vec::new();
         let mut cfg = Config::default();
         if let Some(path) = &flags.config {
             cfg.apply_file(path)?;
@@ -201,7 +343,15 @@ impl Config {
                     cfg.set(&var, "allowed_origins", origin)?;
                 }
             } else {
-                cfg.set(&var, &key, &value)?;
+                match cfg.set(&var, &key, &value) {
+                    Err(ConfigError::UnknownKey { .. }) => {
+                        warnings.push(ConfigWarning::UnknownEnv {
+                            closest: closest_key(&key).map(env_var_of),
+                            var,
+                        });
+                    }
+                    other => other?,
+                }
             }
         }
         let pairs = [
@@ -223,7 +373,7 @@ impl Config {
                 cfg.set("--allow-origin", "allowed_origins", origin)?;
             }
         }
-        Ok(cfg)
+        Ok((cfg, warnings))
     }
 
     /// Checks what `serve` needs beyond well-formed values.
@@ -542,9 +692,6 @@ mod tests {
              exact origin (scheme://host[:port], no path); did you mean \"https://app.example\"?"
         );
 
-        let err = Config::load(&Flags::default(), env(&[("BOSHMUX_LISTN", "x")])).unwrap_err();
-        assert_eq!(err.to_string(), "BOSHMUX_LISTN: unknown key `listn`");
-
         let file = write_file("[limits]\nstanza_bytes = [1]\n");
         let flags = Flags {
             config: Some(file.0.clone()),
@@ -565,6 +712,76 @@ mod tests {
             Config::load(&flags, env(&[])).unwrap_err().to_string(),
             "--bosh-url: invalid value for `bosh_url`: \"ftp://x\": scheme must be http or https"
         );
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_warnings_naming_the_closest_setting() {
+        let (cfg, warnings) = Config::load_with_warnings(
+            &Flags::default(),
+            env(&[
+                ("BOSHMUX_BIN", "/usr/local/bin/boshmux"),
+                ("BOSHMUX_LISTN", "127.0.0.1:1"),
+                ("BOSHMUX_LIMITS_PAGES_PER_USR", "3"),
+                ("BOSHMUX_GRACE", "5s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.grace,
+            Duration::from_secs(5),
+            "known variables still apply"
+        );
+        assert_eq!(cfg.listen, Config::default().listen);
+        let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "environment variable BOSHMUX_BIN is not a boshmux setting; ignored",
+                "environment variable BOSHMUX_LIMITS_PAGES_PER_USR is not a boshmux setting; \
+                 ignored (did you mean BOSHMUX_LIMITS_PAGES_PER_USER?)",
+                "environment variable BOSHMUX_LISTN is not a boshmux setting; ignored \
+                 (did you mean BOSHMUX_LISTEN?)",
+            ]
+        );
+        // An unknown key in the file is still an error; a bad value in a known variable too.
+        let file = write_file("listn = \"127.0.0.1:1\"\n");
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            Config::load(&flags, env(&[])).unwrap_err().to_string(),
+            format!("{}: unknown key `listn`", file.0.display())
+        );
+        assert!(Config::load(&Flags::default(), env(&[("BOSHMUX_GRACE", "soon")])).is_err());
+    }
+
+    #[test]
+    fn every_suggested_key_is_a_setting() {
+        for key in KEYS {
+            let mut cfg = Config::default();
+            let err = cfg.set("test", key, "");
+            assert!(
+                !matches!(err, Err(ConfigError::UnknownKey { .. })),
+                "{key} is not taken by Config::set"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_api_key() {
+        let secret = "api-key-CANARY-0123456789";
+        let cfg = Config::load(&Flags::default(), env(&[("BOSHMUX_API_KEY", secret)])).unwrap();
+        let flags = Flags {
+            api_key: Some(secret.into()),
+            ..Flags::default()
+        };
+        for shown in [format!("{cfg:?}"), format!("{flags:?}")] {
+            assert!(
+                !shown.contains(secret) && shown.contains("<hidden>"),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

@@ -49,8 +49,8 @@ pub struct StateFile {
     pub sessions: Vec<SavedSession>,
 }
 
-/// One user's session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One user's session. `Debug` shows neither the sid nor the unanswered requests (which carry it).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SavedSession {
     /// The full JID.
     pub jid: String,
@@ -73,6 +73,18 @@ pub struct SavedSession {
     /// When the session was first established (seconds since the Unix epoch).
     #[serde(default)]
     pub created: u64,
+}
+
+impl std::fmt::Debug for SavedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedSession")
+            .field("jid", &self.jid)
+            .field("attached", &self.attached)
+            .field("params", &self.params)
+            .field("next_rid", &self.next_rid)
+            .field("unanswered", &self.unanswered.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SavedSession {

@@ -177,8 +177,9 @@ fn wrap(rid: u64, sid: &str, extra: &str, payload: &str) -> Bytes {
 }
 
 /// What a session creation response told us (XEP-0124 §7.2). Every attribute is kept, so that
-/// later parts (status page, restart survival) can show or persist them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// later parts (status page, restart survival) can show or persist them. `Debug` leaves out the
+/// sid, which is a credential for the session.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionParams {
     /// Session id.
     pub sid: String,
@@ -206,6 +207,42 @@ pub struct SessionParams {
     pub accept: Option<String>,
     /// `xmpp:version`, `1.0` when the server supports XMPP 1.0 features (XEP-0206).
     pub xmpp_version: Option<String>,
+}
+
+impl std::fmt::Debug for SessionParams {
+    // By hand, naming every field so that a new one is a compile error here, not a leak.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let SessionParams {
+            sid: _,
+            wait,
+            requests,
+            hold,
+            polling,
+            inactivity,
+            maxpause,
+            ver,
+            authid,
+            from,
+            secure,
+            accept,
+            xmpp_version,
+        } = self;
+        f.debug_struct("SessionParams")
+            .field("sid", &"<hidden>")
+            .field("wait", wait)
+            .field("requests", requests)
+            .field("hold", hold)
+            .field("polling", polling)
+            .field("inactivity", inactivity)
+            .field("maxpause", maxpause)
+            .field("ver", ver)
+            .field("authid", authid)
+            .field("from", from)
+            .field("secure", secure)
+            .field("accept", accept)
+            .field("xmpp_version", xmpp_version)
+            .finish()
+    }
 }
 
 impl SessionParams {

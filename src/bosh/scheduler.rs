@@ -103,7 +103,8 @@ enum Command {
 }
 
 /// A session stopped without ending it upstream, to be resumed by another process (SPEC §8).
-#[derive(Debug, Clone)]
+/// `Debug` shows neither the sid nor the unanswered requests' bytes (which carry it).
+#[derive(Clone)]
 pub struct Suspended {
     /// The session parameters, sid included.
     pub params: SessionParams,
@@ -116,6 +117,26 @@ pub struct Suspended {
     pub inbound: Vec<Element>,
     /// Stanzas queued and not yet sent.
     pub outbound: Vec<Element>,
+}
+
+impl std::fmt::Debug for Suspended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Suspended {
+            params,
+            next_rid,
+            unanswered,
+            inbound,
+            outbound,
+        } = self;
+        let rids: Vec<u64> = unanswered.iter().map(|(rid, _)| *rid).collect();
+        f.debug_struct("Suspended")
+            .field("params", params)
+            .field("next_rid", next_rid)
+            .field("unanswered_rids", &rids)
+            .field("inbound", &inbound.len())
+            .field("outbound", &outbound.len())
+            .finish()
+    }
 }
 
 impl Suspended {

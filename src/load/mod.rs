@@ -21,8 +21,8 @@ use tokio::time::Instant;
 
 pub use report::Report;
 
-/// Command-line options of `boshmux load`.
-#[derive(Debug, Clone, clap::Args)]
+/// Command-line options of `boshmux load`. `Debug` hides the api key.
+#[derive(Clone, clap::Args)]
 pub struct LoadArgs {
     /// The daemon's base URL (handoff API and /ws).
     #[arg(long, default_value = "http://127.0.0.1:5380")]
@@ -72,6 +72,44 @@ pub struct LoadArgs {
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl std::fmt::Debug for LoadArgs {
+    // Every field named, so that a new one is a compile error here rather than a leak.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let LoadArgs {
+            url,
+            api_key: _,
+            domain,
+            users,
+            pages,
+            user_prefix,
+            password_prefix: _,
+            rate,
+            duration,
+            concurrency,
+            direct,
+            watch_pids,
+            json,
+            quiet,
+        } = self;
+        f.debug_struct("LoadArgs")
+            .field("url", url)
+            .field("api_key", &"<hidden>")
+            .field("domain", domain)
+            .field("users", users)
+            .field("pages", pages)
+            .field("user_prefix", user_prefix)
+            .field("password_prefix", &"<hidden>")
+            .field("rate", rate)
+            .field("duration", duration)
+            .field("concurrency", concurrency)
+            .field("direct", direct)
+            .field("watch_pids", watch_pids)
+            .field("json", json)
+            .field("quiet", quiet)
+            .finish()
+    }
 }
 
 /// What went wrong, counted by kind.

@@ -20,12 +20,21 @@ use crate::xmpp::{self, Element, Jid, Limits, ns};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// An account of the run.
-#[derive(Debug, Clone)]
+/// An account of the run. `Debug` hides the password.
+#[derive(Clone)]
 pub(crate) struct User {
     pub(crate) name: String,
     pub(crate) bare: String,
     pub(crate) password: String,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("bare", &self.bare)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An open page.
