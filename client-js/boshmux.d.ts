@@ -40,6 +40,26 @@ export function parse(text: string): Element;
 
 export class XmlError extends Error {}
 
+/** The WebSocket close codes boshmux uses (SPEC §4); the daemon defines the same values. */
+export declare const CloseCode: {
+  /** The page or the daemon ended the stream normally. */
+  readonly NORMAL: 1000;
+  /** The page stopped answering pings. */
+  readonly GOING_AWAY: 1001;
+  /** Bad origin, authentication or frame: reconnecting the same way will not help. */
+  readonly POLICY: 1008;
+  /** The daemon is restarting with its state kept: reconnect. */
+  readonly RESTARTING: 1012;
+  /** The session was revoked (logout): do not reconnect. */
+  readonly REVOKED: 4001;
+  /** The page read too slowly. */
+  readonly SLOW: 4002;
+  /** Too many pages are open for this user. */
+  readonly TOO_MANY_PAGES: 4003;
+  /** The upstream session is lost and cannot be restored. */
+  readonly LOST: 4004;
+};
+
 /** An error with an XMPP condition. */
 export class BoshmuxError extends Error {
   constructor(condition: string, message?: string, details?: { stanza?: Element; code?: number });

@@ -23,10 +23,28 @@ const NS = {
   STATUS: "urn:boshmux:status:0",
 };
 
-// Close codes after which reconnecting cannot help (SPEC §4): a normal close, a policy violation
-// (the same page would be refused again), revoked, too many pages, upstream gone for good. Every
-// other code — 1012 restarting, 4002 too slow, 1001 no pong, 1006 network — is worth a retry.
-const FINAL_CODES = new Set([1000, 1008, 4001, 4003, 4004]);
+/** The WebSocket close codes boshmux uses (SPEC §4); the daemon defines the same values. */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  POLICY: 1008,
+  RESTARTING: 1012,
+  REVOKED: 4001,
+  SLOW: 4002,
+  TOO_MANY_PAGES: 4003,
+  LOST: 4004,
+});
+
+// Close codes after which reconnecting cannot help: a normal close, a policy violation (the same
+// page would be refused again), revoked, too many pages, upstream gone for good. Every other code
+// — restarting, too slow, no pong, 1006 network — is worth a retry.
+const FINAL_CODES = new Set([
+  CloseCode.NORMAL,
+  CloseCode.POLICY,
+  CloseCode.REVOKED,
+  CloseCode.TOO_MANY_PAGES,
+  CloseCode.LOST,
+]);
 
 // How long to wait for the other side's close once `<close/>` went either way.
 const LINGER_MS = 2000;

@@ -50,8 +50,8 @@ pub fn build(config: Config) -> Result<AppState, SetupError> {
     Ok(AppState::new(config, registry))
 }
 
-/// Serves on `listener` until `stop` completes, then closes every page with 1012 and ends every
-/// upstream session.
+/// Serves on `listener` until `stop` completes, then ends every session (see `stop_sessions`
+/// for the close codes pages get).
 pub async fn run(
     listener: TcpListener,
     state: AppState,
@@ -116,8 +116,9 @@ pub async fn run_app(
     Ok(())
 }
 
-/// Ends every session (pages close with 1012 either way): with a state file each is suspended
-/// and saved, alive upstream, for the next start; without one each is terminated upstream.
+/// Ends every session (SPEC §8): with a state file each is suspended and saved, alive upstream,
+/// for the next start, and its pages close with 1012 (reconnect); without one each is terminated
+/// upstream and its pages close with 4004 (nothing to reconnect to).
 async fn stop_sessions(state: &AppState) {
     let sessions = state.registry.all();
     let count = sessions.len();

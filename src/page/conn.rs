@@ -19,13 +19,7 @@ use crate::metrics::Metrics;
 use crate::session::{AttachError, PageId, PageLink, PageOut, Registry, SessionHandle};
 use crate::xmpp::{self, Element, Jid, Limits, ns, sasl};
 
-/// Close codes (SPEC §4).
-const NORMAL: u16 = 1000;
-const GOING_AWAY: u16 = 1001;
-const POLICY: u16 = 1008;
-const RESTARTING: u16 = 1012;
-const TOO_MANY_PAGES: u16 = 4003;
-const LOST: u16 = 4004;
+use super::close::{GOING_AWAY, LOST, NORMAL, POLICY, RESTARTING, TOO_MANY_PAGES};
 
 /// Failed SASL attempts allowed before the stream is closed.
 const AUTH_ATTEMPTS: u32 = 3;

@@ -22,11 +22,10 @@ use crate::page::Frame;
 use crate::state::SavedSession;
 use crate::xmpp::{Element, Jid};
 
-/// Close codes (SPEC §4).
-const CLOSE_RESTARTING: u16 = 1012;
-const CLOSE_REVOKED: u16 = 4001;
-const CLOSE_SLOW: u16 = 4002;
-const CLOSE_LOST: u16 = 4004;
+use crate::page::close::{
+    LOST as CLOSE_LOST, RESTARTING as CLOSE_RESTARTING, REVOKED as CLOSE_REVOKED,
+    SLOW as CLOSE_SLOW,
+};
 
 /// Stanzas from pages held while the upstream session is being re-established.
 const HELD_WHILE_RECONNECTING: usize = 1000;
@@ -140,6 +139,7 @@ impl Actor {
             session.jid.clone(),
             settings.offline_buffer,
             settings.iq_timeout,
+            settings.grace,
         );
         // A new session waits for its first page at least as long as its ticket lives.
         self.grace_until = Some(Instant::now() + settings.grace.max(settings.ticket_ttl));
@@ -171,7 +171,9 @@ impl Actor {
             full.clone(),
             settings.offline_buffer,
             settings.iq_timeout,
+            settings.grace,
             &saved.mux,
+            Instant::now(),
         );
         // Pages closed with 1012 reconnect; until then this is an ordinary grace period.
         self.grace_until = Some(Instant::now() + settings.grace);
@@ -288,7 +290,7 @@ impl Actor {
                         Some(BoshEvent::Stanza(stanza)) => {
                             self.touch(true);
                             self.registry.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
-                            let effects = mux.from_upstream(stanza);
+                            let effects = mux.from_upstream(stanza, Instant::now());
                             self.apply(effects, mux, &session, live);
                         }
                         Some(BoshEvent::Retrying { .. }) => self.info.lock().upstream = "retrying",
@@ -406,7 +408,7 @@ impl Actor {
         if self.pages.remove(&page).is_none() {
             return;
         }
-        let effects = mux.page_gone(page);
+        let effects = mux.page_gone(page, Instant::now());
         self.apply(effects, mux, session, live);
         if self.pages.is_empty() {
             self.grace_until = Some(Instant::now() + self.registry.settings.grace);

@@ -1,10 +1,17 @@
 //! One user's session: the actor that owns the upstream BOSH session and the user's pages
-//! ([`actor`]), the multiplexing rules it applies ([`mux`]), and the registry of all sessions,
-//! tokens and tickets ([`registry`]). A [`SessionHandle`] is the cheap, cloneable way in.
+//! ([`actor`]), the multiplexing rules it applies ([`mux`], built from [`iq`], [`presence`],
+//! [`rooms`], [`roster`] and [`carbons`], each pure), and the registry of all sessions, tokens
+//! and tickets ([`registry`]). A [`SessionHandle`] is the cheap, cloneable way in.
 
 pub mod actor;
+pub mod carbons;
+pub mod effect;
+pub mod iq;
 pub mod mux;
+pub mod presence;
 pub mod registry;
+pub mod rooms;
+pub mod roster;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -13,7 +20,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use mux::PageId;
+pub use effect::PageId;
 pub use registry::{Registry, RegistryError};
 
 use crate::page::Frame;
@@ -151,7 +158,8 @@ pub(crate) enum Command {
     Logout {
         done: oneshot::Sender<()>,
     },
-    /// Daemon stop: pages closed with 1012, upstream terminated.
+    /// Daemon stop without a state file: nothing survives, so pages are closed with 4004 (not
+    /// 1012: reconnecting would only fail) and upstream is terminated.
     Stop {
         done: oneshot::Sender<()>,
     },

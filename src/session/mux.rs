@@ -2,36 +2,26 @@
 //! upstream go in, [`Effect`]s come out. The session actor carries the effects out; tests can
 //! drive the rules directly.
 //!
-//! Owned here: iq id rewriting and reply routing, the roster cache, the presence cache, the MUC
-//! rooms the session is in (and which pages joined them), the buffer for messages that arrive
-//! while no page is attached, and which pages asked for status notices.
+//! This module dispatches and owns what is about pages as such (which are attached, which asked
+//! for status notices, the buffer for messages that arrive while none is attached); the rules
+//! themselves live in [`super::iq`], [`super::presence`], [`super::rooms`], [`super::roster`]
+//! and [`super::carbons`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::carbons;
+use super::effect::to_all;
+pub use super::effect::{Effect, PageId};
+use super::iq::{Answer, Iqs};
+use super::presence::Presence;
+pub use super::rooms::RoomSnapshot;
+use super::rooms::Rooms;
+use super::roster::Roster;
 use crate::page::frame::error_reply;
 use crate::xmpp::{self, Element, Jid, Limits, ns};
-
-/// Identifies one page (one WebSocket) for the life of the daemon.
-pub type PageId = u64;
-
-/// Something the session actor must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// Send upstream.
-    Upstream(Element),
-    /// Send to one page.
-    ToPage(PageId, Element),
-    /// Send to every page, except one if given.
-    ToPages {
-        /// A page left out (the sender of what is being reflected).
-        except: Option<PageId>,
-        /// The stanza.
-        stanza: Element,
-    },
-}
 
 /// Counters kept by the rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,59 +36,19 @@ pub struct MuxStats {
     pub iq_timeouts: u64,
 }
 
+#[derive(Debug, Default)]
 struct PageState {
-    /// Sent an undirected available presence.
-    available: bool,
     /// Asked for status notices (§6.8).
     notices: bool,
-}
-
-/// An iq request from a page, sent upstream under a rewritten id.
-struct OutIq {
-    page: PageId,
-    orig_id: String,
-    to: Option<String>,
-    deadline: Instant,
-    roster_get: bool,
-}
-
-#[derive(Default)]
-struct Roster {
-    items: BTreeMap<String, Element>,
-    ver: Option<String>,
-    complete: bool,
-}
-
-struct Room {
-    nick: String,
-    /// Pages that joined it; the room is left upstream when the last one leaves.
-    joined_by: BTreeSet<PageId>,
-    /// The room confirmed our join (status 110).
-    joined: bool,
-    /// The join presence, replayed to rejoin after a re-login.
-    join: Element,
-    occupants: BTreeMap<String, Element>,
-    self_presence: Option<Element>,
-    subject: Option<Element>,
 }
 
 /// The rules' state for one user session.
 pub struct Mux {
     me: Jid,
-    bare: String,
-    domain: String,
-    iq_timeout: Duration,
     pages: BTreeMap<PageId, PageState>,
-    next_iq: u64,
-    out_iqs: HashMap<String, OutIq>,
-    /// Requests from upstream waiting for a page's answer: (from, id) → deadline.
-    in_iqs: HashMap<(String, String), Instant>,
-    /// Roster pushes the daemon acknowledged itself; pages' acks are dropped.
-    acked_pushes: HashSet<String>,
-    /// The undirected available presence last sent upstream.
-    shared_presence: Option<Element>,
-    presence: BTreeMap<String, Element>,
-    rooms: BTreeMap<String, Room>,
+    iqs: Iqs,
+    presence: Presence,
+    rooms: Rooms,
     roster: Roster,
     buffer: VecDeque<Element>,
     buffer_cap: usize,
@@ -106,21 +56,16 @@ pub struct Mux {
 }
 
 impl Mux {
-    /// Rules for the session bound to `me`.
-    pub fn new(me: Jid, buffer_cap: usize, iq_timeout: Duration) -> Mux {
+    /// Rules for the session bound to `me`: at most `buffer_cap` messages buffered while no page
+    /// is attached, iq requests answered within `iq_timeout`, rooms of a page that went away
+    /// kept for `grace`.
+    pub fn new(me: Jid, buffer_cap: usize, iq_timeout: Duration, grace: Duration) -> Mux {
         Mux {
-            bare: me.to_bare().to_string(),
-            domain: me.domain().to_owned(),
+            iqs: Iqs::new(me.clone(), iq_timeout),
             me,
-            iq_timeout,
             pages: BTreeMap::new(),
-            next_iq: 0,
-            out_iqs: HashMap::new(),
-            in_iqs: HashMap::new(),
-            acked_pushes: HashSet::new(),
-            shared_presence: None,
-            presence: BTreeMap::new(),
-            rooms: BTreeMap::new(),
+            presence: Presence::default(),
+            rooms: Rooms::new(grace),
             roster: Roster::default(),
             buffer: VecDeque::new(),
             buffer_cap,
@@ -135,6 +80,7 @@ impl Mux {
 
     /// Replaces the full JID (after a re-login bound a different resource).
     pub fn set_jid(&mut self, me: Jid) {
+        self.iqs.set_jid(me.clone());
         self.me = me;
     }
 
@@ -153,54 +99,36 @@ impl Mux {
         self.buffer.len()
     }
 
-    /// The earliest deadline of an iq waiting for a reply, to wake up for.
+    /// The earliest time [`Mux::expire`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.out_iqs
-            .values()
-            .map(|q| q.deadline)
-            .chain(self.in_iqs.values().copied())
+        [self.iqs.next_deadline(), self.rooms.next_deadline()]
+            .into_iter()
+            .flatten()
             .min()
     }
 
     /// A page bound: it gets the messages buffered while no page was attached (once, in order).
     pub fn page_bound(&mut self, page: PageId) -> Vec<Effect> {
-        self.pages.insert(
-            page,
-            PageState {
-                available: false,
-                notices: false,
-            },
-        );
+        self.pages.insert(page, PageState::default());
         self.buffer
             .drain(..)
             .map(|m| Effect::ToPage(page, m))
             .collect()
     }
 
-    /// A page went away: rooms only it was in are left; requests only pages could answer are
-    /// refused when no page remains.
-    pub fn page_gone(&mut self, page: PageId) -> Vec<Effect> {
-        let mut out = Vec::new();
+    /// A page went away (closed, reloaded, too slow): its rooms are kept for the grace period,
+    /// requests from upstream it alone still owed an answer to are settled.
+    pub fn page_gone(&mut self, page: PageId, now: Instant) -> Vec<Effect> {
         if self.pages.remove(&page).is_none() {
-            return out;
+            return Vec::new();
         }
-        let mut emptied = Vec::new();
-        for (jid, room) in &mut self.rooms {
-            if room.joined_by.remove(&page) && room.joined_by.is_empty() {
-                emptied.push(jid.clone());
-            }
-        }
-        for jid in emptied {
-            if let Some(room) = self.rooms.remove(&jid) {
-                out.push(Effect::Upstream(self.leave(&jid, &room.nick)));
-            }
-        }
-        if self.pages.is_empty() {
-            for ((from, id), _) in self.in_iqs.drain() {
-                out.push(Effect::Upstream(unavailable_reply(&from, &id, &self.me)));
-            }
-        }
-        out
+        self.presence.page_gone(page);
+        self.rooms.page_gone(page, now);
+        self.iqs
+            .page_gone(page)
+            .into_iter()
+            .map(Effect::Upstream)
+            .collect()
     }
 
     /// Applies the rules to a checked stanza from `page` (its `from` is already the full JID).
@@ -208,203 +136,75 @@ impl Mux {
         match stanza.name.as_str() {
             "iq" => self.iq_from_page(page, stanza, now),
             "message" => {
-                let mut out = Vec::new();
-                let ty = stanza.attr("type");
-                if !matches!(ty, Some("groupchat" | "error")) {
-                    out.push(Effect::ToPages {
-                        except: Some(page),
-                        stanza: self.carbon(&stanza),
-                    });
-                }
-                out.insert(0, Effect::Upstream(stanza));
-                out
+                let carbon = carbons::eligible(&stanza).then(|| Effect::ToPages {
+                    except: Some(page),
+                    stanza: carbons::sent(&self.me, &stanza),
+                });
+                std::iter::once(Effect::Upstream(stanza))
+                    .chain(carbon)
+                    .collect()
             }
             _ => self.presence_from_page(page, stanza),
         }
     }
 
-    fn iq_from_page(&mut self, page: PageId, mut iq: Element, now: Instant) -> Vec<Effect> {
-        let ty = iq.attr("type").unwrap_or_default().to_owned();
-        let id = iq.attr("id").unwrap_or_default().to_owned();
+    fn iq_from_page(&mut self, page: PageId, iq: Element, now: Instant) -> Vec<Effect> {
+        let ty = iq.attr("type").unwrap_or_default();
         if ty == "result" || ty == "error" {
-            // An answer to a request from upstream: the first one goes, others are dropped.
-            if self.acked_pushes.contains(&id) {
-                return Vec::new();
-            }
-            let key = (iq.attr("to").unwrap_or_default().to_owned(), id);
-            if self.in_iqs.remove(&key).is_some() {
-                return vec![Effect::Upstream(iq)];
-            }
-            return Vec::new();
+            // An answer to a request from upstream.
+            return self
+                .iqs
+                .answer_from_page(page, iq)
+                .map(Effect::Upstream)
+                .into_iter()
+                .collect();
         }
-        let payload = iq.elements().next().cloned();
-        let to_self = iq.attr("to").is_none_or(|t| t == self.bare);
-        if let Some(p) = &payload {
-            if p.is("enable", ns::BOSHMUX_STATUS) && to_self {
-                if let Some(state) = self.pages.get_mut(&page) {
-                    state.notices = true;
-                }
-                return vec![Effect::ToPage(page, self.result_for(&iq))];
-            }
-            if p.is("query", ns::ROSTER) && ty == "get" && to_self && self.roster.complete {
-                let mut reply = self.result_for(&iq);
-                let mut query = Element::new("query", ns::ROSTER);
-                if let Some(ver) = &self.roster.ver {
-                    query.set_attr("ver", ver.clone());
-                }
-                for item in self.roster.items.values() {
-                    query.push_child(item.clone());
-                }
-                reply.push_child(query);
+        let to = match iq.attr("to").map(Jid::parse) {
+            None => None,
+            Some(Ok(to)) => Some(to),
+            Some(Err(e)) => {
+                let reply = error_reply(&iq, "modify", "jid-malformed", &e.to_string());
                 return vec![Effect::ToPage(page, reply)];
             }
-        }
+        };
+        let to_self = to.as_ref().is_none_or(|t| *t == self.me.to_bare());
+        let payload = iq.elements().next();
         let roster_get =
             ty == "get" && to_self && payload.is_some_and(|p| p.is("query", ns::ROSTER));
-        self.next_iq += 1;
-        let new_id = format!("bmx{}", self.next_iq);
-        self.out_iqs.insert(
-            new_id.clone(),
-            OutIq {
-                page,
-                orig_id: id,
-                to: iq.attr("to").map(str::to_owned),
-                deadline: now + self.iq_timeout,
-                roster_get,
-            },
-        );
-        iq.set_attr("id", new_id);
-        vec![Effect::Upstream(iq)]
+        if to_self && payload.is_some_and(|p| p.is("enable", ns::BOSHMUX_STATUS)) {
+            if let Some(state) = self.pages.get_mut(&page) {
+                state.notices = true;
+            }
+            return vec![Effect::ToPage(page, result_for(&iq))];
+        }
+        if roster_get && let Some(query) = self.roster.answer() {
+            return vec![Effect::ToPage(page, result_for(&iq).with_child(query))];
+        }
+        vec![Effect::Upstream(
+            self.iqs.outbound(page, iq, to, roster_get, now),
+        )]
     }
 
     fn presence_from_page(&mut self, page: PageId, presence: Element) -> Vec<Effect> {
-        let ty = presence.attr("type").map(str::to_owned);
-        let Some(to) = presence.attr("to").map(str::to_owned) else {
-            return self.undirected_presence(page, presence, ty.as_deref());
+        let Some(to) = presence.attr("to") else {
+            return self.presence.from_page(page, presence);
         };
-        let Ok(to_jid) = Jid::parse(&to) else {
-            return vec![Effect::Upstream(presence)];
+        let Ok(to) = Jid::parse(to) else {
+            return vec![Effect::Upstream(presence)]; // the server answers it with an error
         };
-        let room_jid = to_jid.to_bare().to_string();
-        let nick = to_jid.resource().unwrap_or_default().to_owned();
-        let is_join = ty.is_none() && presence.child("x", ns::MUC).is_some() && !nick.is_empty();
-        if is_join {
-            if let Some(room) = self.rooms.get_mut(&room_jid)
-                && room.nick == nick
-            {
-                room.joined_by.insert(page);
-                if !room.joined {
-                    return Vec::new(); // join in flight: its answer reaches every page
-                }
-                let mut out: Vec<Effect> = room
-                    .occupants
-                    .values()
-                    .map(|p| Effect::ToPage(page, p.clone()))
-                    .collect();
-                if let Some(me) = &room.self_presence {
-                    out.push(Effect::ToPage(page, me.clone()));
-                }
-                if let Some(subject) = &room.subject {
-                    out.push(Effect::ToPage(page, subject.clone()));
-                }
-                return out;
-            }
-            self.rooms.insert(
-                room_jid,
-                Room {
-                    nick,
-                    joined_by: BTreeSet::from([page]),
-                    joined: false,
-                    join: presence.clone(),
-                    occupants: BTreeMap::new(),
-                    self_presence: None,
-                    subject: None,
-                },
-            );
-            return vec![Effect::Upstream(presence)];
+        if let Some(out) = self.rooms.from_page(page, &to, presence.clone(), &self.me) {
+            return out;
         }
-        if ty.as_deref() == Some("unavailable")
-            && let Some(room) = self.rooms.get_mut(&room_jid)
-        {
-            room.joined_by.remove(&page);
-            if room.joined_by.is_empty() {
-                self.rooms.remove(&room_jid);
-                return vec![Effect::Upstream(presence)];
-            }
-            // Others stay in the room: this page alone sees itself leave.
-            let mut gone = Element::new("presence", ns::CLIENT)
-                .with_attr("from", format!("{room_jid}/{}", room.nick))
-                .with_attr("to", self.me.to_string())
-                .with_attr("type", "unavailable");
-            gone.push_child(
-                Element::new("x", ns::MUC_USER)
-                    .with_child(
-                        Element::new("item", ns::MUC_USER)
-                            .with_attr("affiliation", "none")
-                            .with_attr("role", "none"),
-                    )
-                    .with_child(Element::new("status", ns::MUC_USER).with_attr("code", "110")),
-            );
-            return vec![Effect::ToPage(page, gone)];
-        }
+        self.presence.directed_from_page(&to, &presence);
         vec![Effect::Upstream(presence)]
     }
 
-    fn undirected_presence(
-        &mut self,
-        page: PageId,
-        presence: Element,
-        ty: Option<&str>,
-    ) -> Vec<Effect> {
-        match ty {
-            None => {
-                let initial = self.pages.get(&page).is_some_and(|p| !p.available);
-                if let Some(state) = self.pages.get_mut(&page) {
-                    state.available = true;
-                }
-                let mut out = Vec::new();
-                let known = self.shared_presence.is_some();
-                if self.shared_presence.as_ref().map(presence_key) != Some(presence_key(&presence))
-                {
-                    self.shared_presence = Some(presence.clone());
-                    out.push(Effect::Upstream(presence));
-                }
-                if initial && known {
-                    // The server sends contacts' presence only on the first initial presence.
-                    out.extend(
-                        self.presence
-                            .values()
-                            .map(|p| Effect::ToPage(page, p.clone())),
-                    );
-                }
-                out
-            }
-            Some("unavailable") => {
-                if let Some(state) = self.pages.get_mut(&page) {
-                    state.available = false;
-                }
-                if self.pages.len() > 1 {
-                    return Vec::new(); // the user stays online for the other pages
-                }
-                self.shared_presence = None;
-                vec![Effect::Upstream(presence)]
-            }
-            Some(_) => vec![Effect::Upstream(presence)],
-        }
-    }
-
     /// Applies the rules to a stanza from upstream.
-    pub fn from_upstream(&mut self, stanza: Element) -> Vec<Effect> {
+    pub fn from_upstream(&mut self, stanza: Element, now: Instant) -> Vec<Effect> {
         match stanza.name.as_str() {
-            "iq" => self.iq_from_upstream(stanza),
+            "iq" => self.iq_from_upstream(stanza, now),
             "message" => {
-                if stanza.attr("type") == Some("groupchat")
-                    && stanza.child("subject", ns::CLIENT).is_some()
-                    && stanza.child("body", ns::CLIENT).is_none()
-                    && let Some(room) = self.room_of_mut(stanza.attr("from"))
-                {
-                    room.subject = Some(stanza.clone());
-                }
+                self.rooms.message_from_upstream(&stanza);
                 if self.pages.is_empty() {
                     if self.buffer.len() < self.buffer_cap {
                         self.buffer.push_back(stanza);
@@ -417,7 +217,13 @@ impl Mux {
                 vec![to_all(stanza)]
             }
             "presence" => {
-                self.cache_presence(&stanza);
+                let from = stanza.attr("from").and_then(|f| Jid::parse(f).ok());
+                if let Some(from) = from {
+                    if let Some(out) = self.rooms.from_upstream(&from, &stanza) {
+                        return out;
+                    }
+                    self.presence.from_upstream(from, &stanza);
+                }
                 if self.pages.is_empty() {
                     return Vec::new();
                 }
@@ -427,123 +233,92 @@ impl Mux {
         }
     }
 
-    fn iq_from_upstream(&mut self, mut iq: Element) -> Vec<Effect> {
-        let ty = iq.attr("type").unwrap_or_default().to_owned();
-        let id = iq.attr("id").unwrap_or_default().to_owned();
-        let from = iq.attr("from").map(str::to_owned);
+    fn iq_from_upstream(&mut self, iq: Element, now: Instant) -> Vec<Effect> {
+        let ty = iq.attr("type").unwrap_or_default();
         if ty == "result" || ty == "error" {
-            let Some(pending) = self.out_iqs.get(&id) else {
-                return Vec::new();
+            return match self.iqs.answer_from_upstream(iq) {
+                Answer::Unknown => Vec::new(),
+                Answer::Spoofed => {
+                    self.stats.spoofed_replies += 1;
+                    Vec::new()
+                }
+                Answer::ToPage {
+                    page,
+                    iq,
+                    roster_get,
+                } => {
+                    if roster_get && iq.attr("type") == Some("result") {
+                        self.roster.fill(&iq);
+                    }
+                    if !self.pages.contains_key(&page) {
+                        return Vec::new();
+                    }
+                    vec![Effect::ToPage(page, iq)]
+                }
             };
-            if !self.sender_matches(pending.to.as_deref(), from.as_deref()) {
-                self.stats.spoofed_replies += 1;
-                return Vec::new();
-            }
-            let pending = self.out_iqs.remove(&id).expect("looked up above");
-            if pending.roster_get && ty == "result" {
-                self.fill_roster(&iq);
-            }
-            if !self.pages.contains_key(&pending.page) {
-                return Vec::new();
-            }
-            iq.set_attr("id", pending.orig_id);
-            return vec![Effect::ToPage(pending.page, iq)];
         }
-        let payload = iq.elements().next().cloned();
-        if ty == "get" && payload.as_ref().is_some_and(|p| p.is("ping", ns::PING)) {
-            return vec![Effect::Upstream(self.result_for(&iq))];
+        let payload = iq.elements().next();
+        if ty == "get" && payload.is_some_and(|p| p.is("ping", ns::PING)) {
+            return vec![Effect::Upstream(result_for(&iq))];
         }
-        let from_self = from.as_deref().is_none_or(|f| f == self.bare);
-        if ty == "set" && from_self && payload.as_ref().is_some_and(|p| p.is("query", ns::ROSTER)) {
-            self.apply_roster_push(payload.as_ref().expect("checked"));
-            self.acked_pushes.insert(id);
-            let ack = self.result_for(&iq);
-            let mut out = vec![Effect::Upstream(ack)];
+        let from_self = match iq.attr("from") {
+            None => true,
+            Some(f) => Jid::parse(f).is_ok_and(|f| f == self.me.to_bare()),
+        };
+        if ty == "set"
+            && from_self
+            && let Some(query) = payload.filter(|p| p.is("query", ns::ROSTER))
+        {
+            for jid in self.roster.push(query) {
+                self.presence.approved(&jid);
+            }
+            self.iqs.acked_push(iq.attr("id").unwrap_or_default());
+            let mut out = vec![Effect::Upstream(result_for(&iq))];
             if !self.pages.is_empty() {
                 out.push(to_all(iq));
             }
             return out;
         }
         if self.pages.is_empty() {
-            return vec![Effect::Upstream(unavailable_reply(
-                from.as_deref().unwrap_or_default(),
-                &id,
-                &self.me,
-            ))];
+            return vec![Effect::Upstream(self.iqs.unavailable_for(&iq))];
         }
-        self.in_iqs.insert(
-            (from.unwrap_or_default(), id),
-            Instant::now() + self.iq_timeout,
+        self.iqs.inbound(
+            &iq,
+            self.pages.keys().copied().collect::<BTreeSet<_>>(),
+            now,
         );
         vec![to_all(iq)]
     }
 
-    /// Iq timeouts: pages get an error for requests upstream never answered, and upstream gets
-    /// `service-unavailable` for requests no page answered.
+    /// Deadlines: pages get an error for requests upstream never answered, upstream gets the
+    /// held error or `service-unavailable` for requests no page answered in time, and rooms kept
+    /// for pages that did not come back are left.
     pub fn expire(&mut self, now: Instant) -> Vec<Effect> {
-        let mut out = Vec::new();
-        let late: Vec<String> = self
-            .out_iqs
-            .iter()
-            .filter(|(_, q)| q.deadline <= now)
-            .map(|(id, _)| id.clone())
+        let (to_pages, upstream) = self.iqs.expire(now);
+        self.stats.iq_timeouts += to_pages.len() as u64;
+        let mut out: Vec<Effect> = to_pages
+            .into_iter()
+            .filter(|(page, _)| self.pages.contains_key(page))
+            .map(|(page, e)| Effect::ToPage(page, e))
             .collect();
-        for id in late {
-            let q = self.out_iqs.remove(&id).expect("listed above");
-            self.stats.iq_timeouts += 1;
-            if self.pages.contains_key(&q.page) {
-                out.push(Effect::ToPage(
-                    q.page,
-                    self.page_error(&q, "wait", "remote-server-timeout", "no reply in time"),
-                ));
-            }
-        }
-        let late: Vec<(String, String)> = self
-            .in_iqs
-            .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for (from, id) in late {
-            self.in_iqs.remove(&(from.clone(), id.clone()));
-            out.push(Effect::Upstream(unavailable_reply(&from, &id, &self.me)));
-        }
+        out.extend(upstream.into_iter().map(Effect::Upstream));
+        out.extend(self.rooms.expire(now, &self.me));
         out
     }
 
     /// The upstream session was replaced: pending requests fail, caches that the server will
     /// fill again are cleared, and the stanzas that restore presence and rooms are returned.
     pub fn upstream_reset(&mut self) -> Vec<Effect> {
-        let mut out = Vec::new();
-        for (_, q) in std::mem::take(&mut self.out_iqs) {
-            if self.pages.contains_key(&q.page) {
-                out.push(Effect::ToPage(
-                    q.page,
-                    self.page_error(
-                        &q,
-                        "wait",
-                        "service-unavailable",
-                        "upstream session was reset",
-                    ),
-                ));
-            }
-        }
-        self.in_iqs.clear();
-        self.acked_pushes.clear();
-        self.presence.clear();
-        self.roster.complete = false;
-        let me = self.me.to_string();
-        if let Some(p) = &mut self.shared_presence {
-            p.set_attr("from", me.clone());
-            out.push(Effect::Upstream(p.clone()));
-        }
-        for room in self.rooms.values_mut() {
-            room.joined = false;
-            room.occupants.clear();
-            room.self_presence = None;
-            room.join.set_attr("from", me.clone());
-            out.push(Effect::Upstream(room.join.clone()));
-        }
+        let mut out: Vec<Effect> = self
+            .iqs
+            .reset()
+            .into_iter()
+            .filter(|(page, _)| self.pages.contains_key(page))
+            .map(|(page, e)| Effect::ToPage(page, e))
+            .collect();
+        self.roster.reset();
+        out.extend(self.presence.reset(&self.me).map(Effect::Upstream));
+        out.extend(self.rooms.reset(&self.me).into_iter().map(Effect::Upstream));
         out
     }
 
@@ -563,7 +338,7 @@ impl Mux {
                 Effect::ToPage(
                     *id,
                     Element::new("message", ns::CLIENT)
-                        .with_attr("from", self.domain.clone())
+                        .with_attr("from", self.me.domain().to_owned())
                         .with_attr("to", self.me.to_string())
                         .with_attr("type", "headline")
                         .with_child(
@@ -572,132 +347,6 @@ impl Mux {
                 )
             })
             .collect()
-    }
-
-    fn result_for(&self, iq: &Element) -> Element {
-        let mut reply = Element::new("iq", ns::CLIENT)
-            .with_attr("type", "result")
-            .with_attr("id", iq.attr("id").unwrap_or_default());
-        if let Some(from) = iq.attr("from") {
-            reply.set_attr("to", from);
-        }
-        if let Some(to) = iq.attr("to") {
-            reply.set_attr("from", to);
-        }
-        reply
-    }
-
-    fn page_error(&self, q: &OutIq, kind: &str, condition: &str, text: &str) -> Element {
-        let mut request = Element::new("iq", ns::CLIENT)
-            .with_attr("id", q.orig_id.clone())
-            .with_attr("from", self.me.to_string());
-        if let Some(to) = &q.to {
-            request.set_attr("to", to.clone());
-        }
-        error_reply(&request, kind, condition, text)
-    }
-
-    /// Whether a reply from `from` may answer a request sent to `to`.
-    fn sender_matches(&self, to: Option<&str>, from: Option<&str>) -> bool {
-        let norm = |s: &str| {
-            Jid::parse(s)
-                .map(|j| j.to_string())
-                .unwrap_or_else(|_| s.to_owned())
-        };
-        let from = from.map(norm);
-        match to.map(norm) {
-            // A request to our own account is answered by the server: no from, or our own JIDs.
-            None => {
-                from.is_none_or(|f| f == self.bare || f == self.me.to_string() || f == self.domain)
-            }
-            Some(t) if t == self.bare => from.is_none_or(|f| f == t),
-            Some(t) => from.is_some_and(|f| f == t),
-        }
-    }
-
-    fn carbon(&self, message: &Element) -> Element {
-        Element::new("message", ns::CLIENT)
-            .with_attr("from", self.bare.clone())
-            .with_attr("to", self.me.to_string())
-            .with_child(
-                Element::new("sent", ns::CARBONS)
-                    .with_child(Element::new("forwarded", ns::FORWARD).with_child(message.clone())),
-            )
-    }
-
-    fn room_of_mut(&mut self, from: Option<&str>) -> Option<&mut Room> {
-        let room = Jid::parse(from?).ok()?.to_bare().to_string();
-        self.rooms.get_mut(&room)
-    }
-
-    fn cache_presence(&mut self, presence: &Element) {
-        let Some(from) = presence.attr("from").map(str::to_owned) else {
-            return;
-        };
-        let ty = presence.attr("type");
-        if !matches!(ty, None | Some("unavailable")) {
-            return; // subscription traffic is not state
-        }
-        let unavailable = ty == Some("unavailable");
-        let is_self_in_room = presence.child("x", ns::MUC_USER).is_some_and(|x| {
-            x.elements()
-                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
-        });
-        if let Some(room) = self.room_of_mut(Some(&from)) {
-            if is_self_in_room {
-                if unavailable {
-                    let room_jid = Jid::parse(&from)
-                        .map(|j| j.to_bare().to_string())
-                        .unwrap_or_default();
-                    self.rooms.remove(&room_jid);
-                } else {
-                    room.joined = true;
-                    room.self_presence = Some(presence.clone());
-                }
-            } else if unavailable {
-                room.occupants.remove(&from);
-            } else {
-                room.occupants.insert(from, presence.clone());
-            }
-            return;
-        }
-        if unavailable {
-            self.presence.remove(&from);
-        } else {
-            self.presence.insert(from, presence.clone());
-        }
-    }
-
-    fn fill_roster(&mut self, result: &Element) {
-        let Some(query) = result.child("query", ns::ROSTER) else {
-            return; // versioned "no change" answer: keep what we have, still incomplete
-        };
-        self.roster.items.clear();
-        self.apply_roster_push(query);
-        self.roster.complete = true;
-    }
-
-    fn apply_roster_push(&mut self, query: &Element) {
-        if let Some(ver) = query.attr("ver") {
-            self.roster.ver = Some(ver.to_owned());
-        }
-        for item in query.elements().filter(|e| e.is("item", ns::ROSTER)) {
-            let Some(jid) = item.attr("jid") else {
-                continue;
-            };
-            if item.attr("subscription") == Some("remove") {
-                self.roster.items.remove(jid);
-            } else {
-                self.roster.items.insert(jid.to_owned(), item.clone());
-            }
-        }
-    }
-
-    fn leave(&self, room: &str, nick: &str) -> Element {
-        Element::new("presence", ns::CLIENT)
-            .with_attr("from", self.me.to_string())
-            .with_attr("to", format!("{room}/{nick}"))
-            .with_attr("type", "unavailable")
     }
 }
 
@@ -708,6 +357,9 @@ pub struct MuxSnapshot {
     pub shared_presence: Option<String>,
     /// Contacts' presence.
     pub presence: Vec<String>,
+    /// Inbound subscription requests not yet answered.
+    #[serde(default)]
+    pub subscribe_requests: Vec<String>,
     /// Rooms the session is in.
     pub rooms: Vec<RoomSnapshot>,
     /// Roster items.
@@ -720,85 +372,49 @@ pub struct MuxSnapshot {
     pub buffer: Vec<String>,
 }
 
-/// One room in a [`MuxSnapshot`].
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RoomSnapshot {
-    /// The room's bare JID.
-    pub jid: String,
-    /// Our nick.
-    pub nick: String,
-    /// The join presence.
-    pub join: String,
-    /// Occupants' presence.
-    pub occupants: Vec<String>,
-    /// Our own presence in the room.
-    pub self_presence: Option<String>,
-    /// The subject message.
-    pub subject: Option<String>,
-}
-
 impl Mux {
     /// What survives a restart.
     pub fn snapshot(&self) -> MuxSnapshot {
         let xml = |e: &Element| e.to_xml();
+        let (shared, contacts, requests) = self.presence.snapshot();
         MuxSnapshot {
-            shared_presence: self.shared_presence.as_ref().map(xml),
-            presence: self.presence.values().map(xml).collect(),
-            rooms: self
-                .rooms
-                .iter()
-                .map(|(jid, r)| RoomSnapshot {
-                    jid: jid.clone(),
-                    nick: r.nick.clone(),
-                    join: r.join.to_xml(),
-                    occupants: r.occupants.values().map(xml).collect(),
-                    self_presence: r.self_presence.as_ref().map(xml),
-                    subject: r.subject.as_ref().map(xml),
-                })
-                .collect(),
-            roster_items: self.roster.items.values().map(xml).collect(),
-            roster_ver: self.roster.ver.clone(),
-            roster_complete: self.roster.complete,
+            shared_presence: shared.map(xml),
+            presence: contacts.into_iter().map(xml).collect(),
+            subscribe_requests: requests.into_iter().map(xml).collect(),
+            rooms: self.rooms.snapshot(),
+            roster_items: self.roster.items().map(xml).collect(),
+            roster_ver: self.roster.ver().map(str::to_owned),
+            roster_complete: self.roster.complete(),
             buffer: self.buffer.iter().map(xml).collect(),
         }
     }
 
-    /// Rules for `me` with the state of an earlier process. Entries that do not parse are left out.
-    pub fn restore(me: Jid, buffer_cap: usize, iq_timeout: Duration, snap: &MuxSnapshot) -> Mux {
-        let mut m = Mux::new(me, buffer_cap, iq_timeout);
-        let keyed = |list: &[String]| -> BTreeMap<String, Element> {
-            list.iter()
-                .filter_map(|s| stored(s))
-                .filter_map(|e| Some((e.attr("from")?.to_owned(), e)))
-                .collect()
-        };
-        m.shared_presence = snap.shared_presence.as_deref().and_then(stored);
-        m.presence = keyed(&snap.presence);
-        for r in &snap.rooms {
-            let Some(join) = stored(&r.join) else {
-                continue;
-            };
-            m.rooms.insert(
-                r.jid.clone(),
-                Room {
-                    nick: r.nick.clone(),
-                    joined_by: BTreeSet::new(),
-                    joined: true,
-                    join,
-                    occupants: keyed(&r.occupants),
-                    self_presence: r.self_presence.as_deref().and_then(stored),
-                    subject: r.subject.as_deref().and_then(stored),
-                },
-            );
-        }
-        for item in snap.roster_items.iter().filter_map(|s| stored(s)) {
-            if let Some(jid) = item.attr("jid") {
-                m.roster.items.insert(jid.to_owned(), item.clone());
-            }
-        }
-        m.roster.ver = snap.roster_ver.clone();
-        m.roster.complete = snap.roster_complete;
-        m.buffer = snap.buffer.iter().filter_map(|s| stored(s)).collect();
+    /// Rules for `me` with the state of an earlier process; rooms are kept for `grace` from
+    /// `now` for the pages to come back. Entries that do not parse are left out. Outbound iq
+    /// ids start afresh under a new random prefix, so answers to the earlier process's
+    /// requests are not taken for answers to this one's.
+    pub fn restore(
+        me: Jid,
+        buffer_cap: usize,
+        iq_timeout: Duration,
+        grace: Duration,
+        snap: &MuxSnapshot,
+        now: Instant,
+    ) -> Mux {
+        let mut m = Mux::new(me, buffer_cap, iq_timeout, grace);
+        let all = |list: &[String]| list.iter().filter_map(|s| stored(s)).collect::<Vec<_>>();
+        m.presence = Presence::restore(
+            snap.shared_presence.as_deref().and_then(stored),
+            all(&snap.presence),
+            all(&snap.subscribe_requests),
+        );
+        m.rooms = Rooms::restore(grace, &snap.rooms, stored, now);
+        m.roster = Roster::restore(
+            all(&snap.roster_items),
+            snap.roster_ver.clone(),
+            snap.roster_complete,
+        );
+        m.buffer = all(&snap.buffer).into();
         m
     }
 }
@@ -814,29 +430,18 @@ fn stored(xml_text: &str) -> Option<Element> {
     xmpp::parse(xml_text.as_bytes(), &limits).ok()
 }
 
-fn to_all(stanza: Element) -> Effect {
-    Effect::ToPages {
-        except: None,
-        stanza,
+/// An empty `result` answering `iq`.
+fn result_for(iq: &Element) -> Element {
+    let mut reply = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "result")
+        .with_attr("id", iq.attr("id").unwrap_or_default());
+    if let Some(from) = iq.attr("from") {
+        reply.set_attr("to", from);
     }
-}
-
-/// `service-unavailable` for a request nobody can answer.
-fn unavailable_reply(from: &str, id: &str, me: &Jid) -> Element {
-    let mut request = Element::new("iq", ns::CLIENT)
-        .with_attr("id", id)
-        .with_attr("to", me.to_string())
-        .with_attr("type", "get");
-    if !from.is_empty() {
-        request.set_attr("from", from);
+    if let Some(to) = iq.attr("to") {
+        reply.set_attr("from", to);
     }
-    error_reply(&request, "cancel", "service-unavailable", "")
-}
-
-/// What makes two undirected presences the same for the shared presence: show, status, priority.
-fn presence_key(p: &Element) -> [Option<String>; 3] {
-    ["show", "status", "priority"]
-        .map(|n| p.child(n, ns::CLIENT).map(|c| c.text().trim().to_owned()))
+    reply
 }
 
 #[cfg(test)]
@@ -848,6 +453,7 @@ mod tests {
             Jid::parse("alice@example.com/bm").unwrap(),
             3,
             Duration::from_secs(30),
+            Duration::from_secs(60),
         )
     }
 
@@ -898,11 +504,11 @@ mod tests {
         };
         // A spoofed sender is dropped and does not consume the pending request.
         assert!(
-            m.from_upstream(reply(&id_b, "mallory@example.com/x"))
+            m.from_upstream(reply(&id_b, "mallory@example.com/x"), Instant::now())
                 .is_empty()
         );
         assert_eq!(m.stats().spoofed_replies, 1);
-        let to_b = m.from_upstream(reply(&id_b, "bob@example.com/x"));
+        let to_b = m.from_upstream(reply(&id_b, "bob@example.com/x"), Instant::now());
         assert_eq!(to_b.len(), 1);
         let Effect::ToPage(2, r) = &to_b[0] else {
             panic!("{to_b:?}")
@@ -910,13 +516,13 @@ mod tests {
         assert_eq!(r.attr("id"), Some("same"));
         // Answered once only.
         assert!(
-            m.from_upstream(reply(&id_b, "bob@example.com/x"))
+            m.from_upstream(reply(&id_b, "bob@example.com/x"), Instant::now())
                 .is_empty()
         );
         // A request whose page is gone: the reply is dropped.
-        m.page_gone(1);
+        m.page_gone(1, Instant::now());
         assert!(
-            m.from_upstream(reply(&id_a, "bob@example.com/x"))
+            m.from_upstream(reply(&id_a, "bob@example.com/x"), Instant::now())
                 .is_empty()
         );
     }
@@ -955,7 +561,7 @@ mod tests {
         let mut m = mux();
         for i in 0..5 {
             let msg = Element::new("message", ns::CLIENT).with_attr("id", i.to_string());
-            assert!(m.from_upstream(msg).is_empty());
+            assert!(m.from_upstream(msg, Instant::now()).is_empty());
         }
         assert_eq!((m.stats().buffered, m.stats().buffer_dropped), (3, 2));
         let out = m.page_bound(1);
@@ -979,13 +585,13 @@ mod tests {
         let avail = Element::new("presence", ns::CLIENT).with_attr("from", "alice@example.com/bm");
         assert_eq!(upstream_of(&m.from_page(1, avail.clone(), now)).len(), 1);
         let bob = Element::new("presence", ns::CLIENT).with_attr("from", "bob@example.com/x");
-        m.from_upstream(bob.clone());
+        m.from_upstream(bob.clone(), Instant::now());
         let out = m.from_page(2, avail, now);
         assert_eq!(out, vec![Effect::ToPage(2, bob)]);
         // Unavailable from one page while another remains: not sent.
         let gone = Element::new("presence", ns::CLIENT).with_attr("type", "unavailable");
         assert!(m.from_page(1, gone.clone(), now).is_empty());
-        m.page_gone(1);
+        m.page_gone(1, Instant::now());
         assert_eq!(upstream_of(&m.from_page(2, gone, now)).len(), 1);
     }
 
@@ -1002,11 +608,22 @@ mod tests {
         );
         m.from_upstream(
             Element::new("presence", ns::CLIENT).with_attr("from", "bob@example.com/x"),
+            now,
         );
-        m.page_gone(1);
-        m.from_upstream(Element::new("message", ns::CLIENT).with_attr("id", "m1"));
+        m.page_gone(1, Instant::now());
+        m.from_upstream(
+            Element::new("message", ns::CLIENT).with_attr("id", "m1"),
+            Instant::now(),
+        );
         let snap = m.snapshot();
-        let back = Mux::restore(m.jid().clone(), 3, Duration::from_secs(30), &snap);
+        let back = Mux::restore(
+            m.jid().clone(),
+            3,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            &snap,
+            now,
+        );
         assert_eq!(back.snapshot().presence, snap.presence);
         assert_eq!(back.snapshot().shared_presence, snap.shared_presence);
         assert_eq!(back.buffered_now(), 1);
@@ -1035,7 +652,7 @@ mod tests {
             .with_attr("from", "example.com")
             .with_attr("to", "alice@example.com/bm")
             .with_child(Element::new("ping", ns::PING));
-        let out = m.from_upstream(ping);
+        let out = m.from_upstream(ping, Instant::now());
         assert_eq!(out.len(), 1, "pages never see it");
         let Effect::Upstream(pong) = &out[0] else {
             panic!("{out:?}")
@@ -1057,11 +674,162 @@ mod tests {
                 .with_child(Element::new("query", ns::ROSTER).with_child(
                     Element::new("item", ns::ROSTER).with_attr("jid", "bob@example.com"),
                 ));
-        let out = m.from_upstream(push);
+        let out = m.from_upstream(push, Instant::now());
         assert_eq!(upstream_of(&out).len(), 1);
         let ack = Element::new("iq", ns::CLIENT)
             .with_attr("type", "result")
             .with_attr("id", "push1");
         assert!(m.from_page(1, ack, Instant::now()).is_empty());
+    }
+
+    fn presence_of(ty: Option<&str>, from: &str) -> Element {
+        let mut p = Element::new("presence", ns::CLIENT).with_attr("from", from);
+        if let Some(ty) = ty {
+            p.set_attr("type", ty);
+        }
+        p
+    }
+
+    #[test]
+    fn only_messages_a_server_would_copy_are_reflected_as_carbons() {
+        let mut m = mux();
+        m.page_bound(1);
+        m.page_bound(2);
+        let now = Instant::now();
+        let msg = |ty: &str| {
+            Element::new("message", ns::CLIENT)
+                .with_attr("to", "bob@example.com")
+                .with_attr("type", ty)
+                .with_child(Element::new("body", ns::CLIENT).with_text("hi"))
+        };
+        let carbons = |out: &[Effect]| {
+            out.iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        Effect::ToPages {
+                            except: Some(1),
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(carbons(&m.from_page(1, msg("chat"), now)), 1);
+        assert_eq!(carbons(&m.from_page(1, msg("normal"), now)), 1);
+        assert_eq!(carbons(&m.from_page(1, msg("headline"), now)), 0);
+        let private = msg("chat").with_child(Element::new("private", ns::CARBONS));
+        let out = m.from_page(1, private, now);
+        assert_eq!((carbons(&out), upstream_of(&out).len()), (0, 1));
+        let no_copy = msg("chat").with_child(Element::new("no-copy", "urn:xmpp:hints"));
+        assert_eq!(carbons(&m.from_page(1, no_copy, now)), 0);
+    }
+
+    #[test]
+    fn two_pages_unavailable_and_still_open_take_the_user_offline() {
+        let mut m = mux();
+        m.page_bound(1);
+        m.page_bound(2);
+        let now = Instant::now();
+        let me = "alice@example.com/bm";
+        m.from_page(1, presence_of(None, me), now);
+        m.from_page(2, presence_of(None, me), now);
+        assert!(
+            m.from_page(1, presence_of(Some("unavailable"), me), now)
+                .is_empty()
+        );
+        let out = m.from_page(2, presence_of(Some("unavailable"), me), now);
+        assert_eq!(upstream_of(&out).len(), 1);
+        assert_eq!(m.page_count(), 2);
+    }
+
+    #[test]
+    fn a_pending_subscription_request_is_replayed_to_a_reloaded_page_until_answered() {
+        let mut m = mux();
+        let now = Instant::now();
+        m.page_bound(1);
+        m.from_page(1, presence_of(None, "alice@example.com/bm"), now);
+        let ask = presence_of(Some("subscribe"), "bob@example.com");
+        assert_eq!(m.from_upstream(ask.clone(), now), vec![to_all(ask.clone())]);
+        m.page_gone(1, now);
+        m.page_bound(2);
+        let out = m.from_page(2, presence_of(None, "alice@example.com/bm"), now);
+        assert_eq!(out, vec![Effect::ToPage(2, ask)]);
+        let answer = Element::new("presence", ns::CLIENT)
+            .with_attr("to", "bob@example.com")
+            .with_attr("type", "subscribed");
+        assert_eq!(upstream_of(&m.from_page(2, answer, now)).len(), 1);
+        m.page_gone(2, now);
+        m.page_bound(3);
+        assert!(
+            m.from_page(3, presence_of(None, "alice@example.com/bm"), now)
+                .is_empty()
+        );
+        // And it survives a restart while pending.
+        let ask2 = presence_of(Some("subscribe"), "carol@example.com");
+        m.from_upstream(ask2.clone(), now);
+        let mut back = Mux::restore(
+            m.jid().clone(),
+            3,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            &m.snapshot(),
+            now,
+        );
+        back.page_bound(4);
+        let out = back.from_page(4, presence_of(None, "alice@example.com/bm"), now);
+        assert_eq!(out, vec![Effect::ToPage(4, ask2)]);
+    }
+
+    #[test]
+    fn a_server_request_takes_the_first_result_and_holds_an_error_for_the_other_pages() {
+        let mut m = mux();
+        m.page_bound(1);
+        m.page_bound(2);
+        let now = Instant::now();
+        let request = iq(
+            "get",
+            "v1",
+            Some("alice@example.com/bm"),
+            Element::new("query", "jabber:iq:version"),
+        )
+        .with_attr("from", "bob@example.com/x");
+        assert_eq!(m.from_upstream(request, now).len(), 1);
+        let answer = |ty: &str| {
+            Element::new("iq", ns::CLIENT)
+                .with_attr("type", ty)
+                .with_attr("id", "v1")
+                .with_attr("to", "bob@example.com/x")
+        };
+        assert!(m.from_page(1, answer("error"), now).is_empty(), "held");
+        let out = m.from_page(2, answer("result"), now);
+        assert_eq!(upstream_of(&out)[0].attr("type"), Some("result"));
+        // With no page at all the daemon refuses at once.
+        m.page_gone(1, now);
+        m.page_gone(2, now);
+        let request = iq(
+            "get",
+            "v2",
+            None,
+            Element::new("query", "jabber:iq:version"),
+        )
+        .with_attr("from", "bob@example.com/x");
+        let out = m.from_upstream(request, now);
+        assert_eq!(upstream_of(&out)[0].attr("type"), Some("error"));
+    }
+
+    #[test]
+    fn a_request_to_a_malformed_jid_is_refused_to_the_page_alone() {
+        let mut m = mux();
+        m.page_bound(1);
+        let out = m.from_page(
+            1,
+            iq("get", "q", Some("a@b@c"), Element::new("ping", ns::PING)),
+            Instant::now(),
+        );
+        let Effect::ToPage(1, e) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!((e.attr("type"), e.attr("id")), (Some("error"), Some("q")));
     }
 }
