@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::bosh::DropReason;
+
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -78,6 +80,8 @@ pub struct Metrics {
     pub rejected_frames: AtomicU64,
     /// Upstream sessions lost, by terminal condition.
     terminal: Mutex<Vec<(String, u64)>>,
+    /// Inbound stanzas dropped by the response reader, by [`DropReason`] (in its order).
+    inbound_dropped: [AtomicU64; 3],
     /// Round trip of upstream requests that carried stanzas.
     pub upstream_latency: Histogram,
     /// From a stanza's arrival at the session to its frame written to a page's socket.
@@ -85,6 +89,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one stanza dropped from an upstream response.
+    pub fn inbound_dropped(&self, reason: DropReason) {
+        self.inbound_dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stanzas dropped from upstream responses for `reason` so far.
+    pub fn inbound_dropped_count(&self, reason: DropReason) -> u64 {
+        self.inbound_dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
     /// Counts one terminal upstream error under `condition`.
     pub fn terminal_error(&self, condition: &str) {
         let mut t = self.terminal.lock();
@@ -186,6 +200,23 @@ impl Metrics {
                 out,
                 "{name}{{condition=\"{}\"}} {n}",
                 escape_label(condition)
+            );
+        }
+        let name = "boshmux_inbound_stanzas_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Stanzas from upstream dropped (too large, or refused by the strict parser), by reason.\n# TYPE {name} counter"
+        );
+        for reason in [
+            DropReason::TooLarge,
+            DropReason::BodyFull,
+            DropReason::Invalid,
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.inbound_dropped_count(reason)
             );
         }
         self.upstream_latency.render(

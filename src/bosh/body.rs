@@ -3,21 +3,14 @@
 
 use bytes::Bytes;
 
-use crate::xmpp::{self, Element, Limits, ParseError, ns};
+use crate::xmpp::{self, Element, ParseError, ns};
 
-/// Limits for response bodies from the connection manager: trusted more than pages, but a
-/// broken or hostile server still cannot make us hold unbounded data.
-pub const RESPONSE_LIMITS: Limits = Limits {
-    max_bytes: 16 * 1024 * 1024,
-    max_depth: 64,
-    max_attrs: 256,
-    allow_declaration: true,
-};
+use super::reader::{BodyReader, ReadLimits};
 
 /// Why a response body could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
-    /// Not well-formed, or over [`RESPONSE_LIMITS`].
+    /// Not well-formed framing (a stanza's own faults only drop that stanza).
     #[error("response is not a BOSH body: {0}")]
     Xml(#[from] ParseError),
     /// Well-formed, but the root is not `<body xmlns='http://jabber.org/protocol/httpbind'/>`.
@@ -60,16 +53,13 @@ pub struct Body {
 }
 
 impl Body {
-    /// Parses a response body.
+    /// Parses a whole body under the default [`ReadLimits`], leaving out any stanza the
+    /// reader drops; see [`BodyReader`] for reading a response as it arrives and learning
+    /// what was dropped.
     pub fn parse(bytes: &[u8]) -> Result<Body, BodyError> {
-        let element = xmpp::parse(bytes, &RESPONSE_LIMITS)?;
-        if !element.is("body", ns::HTTPBIND) {
-            return Err(BodyError::NotBody {
-                name: element.name,
-                ns: element.ns,
-            });
-        }
-        Ok(Body { element })
+        let mut reader = BodyReader::new(ReadLimits::DEFAULT);
+        reader.feed(bytes)?;
+        Ok(reader.finish()?.body)
     }
 
     /// What kind of response this is.

@@ -12,9 +12,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::body::{Body, BodyType, SessionParams};
 use super::error::{BoshError, TransportError};
+use super::reader::Response;
 use super::scheduler::{self, BoshSession, Suspended};
 use super::transport::{PostError, Transport};
 use super::{BoshConfig, Timeouts};
+use crate::metrics::Metrics;
 use crate::xmpp::sasl::{self, Mechanism, SaslClient};
 use crate::xmpp::{Element, Jid, ns};
 
@@ -66,7 +68,9 @@ pub struct BoshClient {
 impl BoshClient {
     /// A client for `config.url`.
     pub fn new(config: BoshConfig) -> Result<BoshClient, BoshError> {
-        let transport = Transport::new(&config.url).map_err(BoshError::Setup)?;
+        let transport = Transport::new(&config.url)
+            .map_err(BoshError::Setup)?
+            .with_read_limits(config.read_limits);
         Ok(BoshClient {
             config: Arc::new(config),
             transport,
@@ -143,7 +147,7 @@ impl BoshClient {
     ) -> Result<BoshSession, BoshError> {
         let cfg = &self.config;
         let domain = jid.domain().to_owned();
-        let mut x = Exchange::new(self.transport.clone(), cfg.timeouts);
+        let mut x = Exchange::new(self.transport.clone(), cfg.timeouts, cfg.metrics.clone());
         let first_rid: u64 = rand::random_range(1 << 20..1 << 32);
         x.rid = first_rid;
 
@@ -299,6 +303,7 @@ fn decode_payload(el: &Element) -> Result<Vec<u8>, BoshError> {
 struct Exchange {
     transport: Transport,
     timeouts: Timeouts,
+    metrics: Arc<Metrics>,
     sid: String,
     /// The rid the next request will carry.
     rid: u64,
@@ -312,10 +317,11 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn new(transport: Transport, timeouts: Timeouts) -> Self {
+    fn new(transport: Transport, timeouts: Timeouts, metrics: Arc<Metrics>) -> Self {
         Exchange {
             transport,
             timeouts,
+            metrics,
             sid: String::new(),
             rid: 0,
             wait: Duration::ZERO,
@@ -334,16 +340,18 @@ impl Exchange {
         let mut attempt = 0;
         loop {
             let failure = match self.transport.post(bytes.clone(), timeout).await {
-                Ok(raw) => match Body::parse(&raw) {
-                    Ok(answer) => match answer.body_type() {
-                        BodyType::Normal => return Ok(answer),
-                        BodyType::Terminate => return Err(scheduler::terminated(answer).1),
+                Ok(Response { body, dropped }) => {
+                    for d in &dropped {
+                        self.metrics.inbound_dropped(d.reason);
+                    }
+                    match body.body_type() {
+                        BodyType::Normal => return Ok(body),
+                        BodyType::Terminate => return Err(scheduler::terminated(body).1),
                         BodyType::Error => {
                             TransportError::Connection("recoverable binding error".into())
                         }
-                    },
-                    Err(e) => TransportError::BadBody(e),
-                },
+                    }
+                }
                 Err(PostError::Status(s)) => return Err(BoshError::HttpStatus(s)),
                 Err(PostError::Transient(e)) => e,
             };

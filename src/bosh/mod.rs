@@ -10,6 +10,7 @@
 pub mod body;
 pub mod error;
 pub mod login;
+pub mod reader;
 pub mod scheduler;
 pub mod transport;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 pub use body::{Body, BodyError, BodyType, SessionParams};
 pub use error::{BoshError, TransportError};
 pub use login::{BoshClient, Credentials};
+pub use reader::{BodyReader, DropReason, Dropped, ReadLimits, Response};
 pub use scheduler::{BoshEvent, BoshHandle, BoshSession, Stats, Suspended};
 pub use transport::Transport;
 
@@ -39,6 +41,8 @@ pub struct BoshConfig {
     pub mechanisms: Vec<Mechanism>,
     /// Largest request body built from queued stanzas; more waits for the next request.
     pub max_request_bytes: usize,
+    /// What one response may make us hold: larger stanzas are dropped, not retried.
+    pub read_limits: ReadLimits,
     /// Deadlines and retry policy.
     pub timeouts: Timeouts,
     /// Where requests, retries and latencies are counted.
@@ -58,6 +62,7 @@ impl BoshConfig {
                 Mechanism::Plain,
             ],
             max_request_bytes: 512 * 1024,
+            read_limits: ReadLimits::DEFAULT,
             timeouts: Timeouts::default(),
             metrics: Arc::default(),
         }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::body::{self, Body, BodyType, SessionParams};
 use super::error::{BoshError, TransportError};
+use super::reader::{DropReason, Dropped, Response};
 use super::transport::{PostError, Transport};
 use super::{BoshConfig, Timeouts};
 use crate::metrics::Metrics;
@@ -250,6 +251,7 @@ pub(crate) fn spawn(
     let rid_shown = Arc::new(AtomicU64::new(rid));
     let scheduler = Scheduler {
         transport,
+        jid: jid.clone(),
         timeouts: config.timeouts,
         sid: params.sid.clone(),
         next_rid: rid,
@@ -307,11 +309,13 @@ struct Reply {
     rid: u64,
     attempt: u32,
     sent_at: Instant,
-    result: Result<Bytes, PostError>,
+    result: Result<Response, PostError>,
 }
 
 struct Scheduler {
     transport: Transport,
+    /// The session's full JID, the sender of error replies to dropped stanzas.
+    jid: Jid,
     timeouts: Timeouts,
     sid: String,
     next_rid: u64,
@@ -484,10 +488,10 @@ impl Scheduler {
             return Ok(()); // superseded by a resend
         }
         let body = match reply.result {
-            Ok(raw) => match Body::parse(&raw) {
-                Ok(body) => body,
-                Err(e) => return self.retry(reply.rid, TransportError::BadBody(e)).await,
-            },
+            Ok(Response { body, dropped }) => {
+                self.on_dropped(dropped);
+                body
+            }
             Err(PostError::Transient(e)) => return self.retry(reply.rid, e).await,
             Err(PostError::Status(status)) => {
                 return Err(Ended::Error(BoshError::HttpStatus(status)));
@@ -549,6 +553,18 @@ impl Scheduler {
                         .map_err(|Deaf| Ended::Deaf)?;
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Counts stanzas the reader dropped from a response and answers their senders where an
+    /// answer is due. Never a reason to resend: the same request would bring the same stanza.
+    fn on_dropped(&mut self, dropped: Vec<Dropped>) {
+        for d in dropped {
+            self.metrics.inbound_dropped(d.reason);
+            tracing::info!(reason = d.reason.label(), "inbound stanza dropped");
+            if let Some(reply) = d.root.and_then(|root| bounce(&root, &self.jid, d.reason)) {
+                self.outbox.push_back(reply);
             }
         }
     }
@@ -641,6 +657,44 @@ impl Scheduler {
 enum Ended {
     Error(BoshError),
     Deaf,
+}
+
+/// The error reply to a stanza dropped on its way in, for the kinds whose sender waits for an
+/// answer or should learn its message was not delivered: an iq get/set, a chat or normal
+/// message (not groupchat: a room may remove an occupant who bounces; not headline or error).
+/// `policy-violation` for a stanza too large, `not-acceptable` for one the strict parser refused
+/// (RFC 6120 §8.3.3); `type='modify'` since the sender could send it differently.
+fn bounce(root: &Element, me: &Jid, reason: DropReason) -> Option<Element> {
+    let ty = root.attr("type");
+    let due = root.ns == ns::CLIENT
+        && match root.name.as_str() {
+            "iq" => matches!(ty, Some("get" | "set")),
+            "message" => matches!(ty, None | Some("chat" | "normal")),
+            _ => false,
+        };
+    let sender = root.attr("from")?;
+    if !due {
+        return None;
+    }
+    let (condition, text) = match reason {
+        DropReason::TooLarge | DropReason::BodyFull => ("policy-violation", "stanza too large"),
+        DropReason::Invalid => ("not-acceptable", "stanza not accepted by the recipient"),
+    };
+    let mut reply = Element::new(root.name.clone(), ns::CLIENT)
+        .with_attr("type", "error")
+        .with_attr("to", sender)
+        .with_attr("from", me.to_string());
+    if let Some(id) = root.attr("id") {
+        reply.set_attr("id", id);
+    }
+    Some(
+        reply.with_child(
+            Element::new("error", ns::CLIENT)
+                .with_attr("type", "modify")
+                .with_child(Element::new(condition, ns::STANZAS))
+                .with_child(Element::new("text", ns::STANZAS).with_text(text)),
+        ),
+    )
 }
 
 /// Splits a terminate body into the stanzas it still carries (delivered first) and the error.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::error::TransportError;
+use super::reader::{BodyReader, ReadLimits, Response};
 
 /// What a POST can end in besides a body: transient failures, or a status that ends the session.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ pub(crate) enum PostError {
 pub struct Transport {
     http: reqwest::Client,
     url: reqwest::Url,
+    limits: ReadLimits,
 }
 
 impl Transport {
@@ -37,7 +39,18 @@ impl Transport {
             .user_agent(concat!("boshmux/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
-        Ok(Transport { http, url })
+        Ok(Transport {
+            http,
+            url,
+            limits: ReadLimits::DEFAULT,
+        })
+    }
+
+    /// The same transport reading responses under `limits`.
+    #[must_use]
+    pub fn with_read_limits(mut self, limits: ReadLimits) -> Transport {
+        self.limits = limits;
+        self
     }
 
     /// The connection manager's URL.
@@ -45,8 +58,11 @@ impl Transport {
         self.url.as_str()
     }
 
-    /// POSTs `body` and returns the response bytes of a 200 answer.
-    pub(crate) async fn post(&self, body: Bytes, timeout: Duration) -> Result<Bytes, PostError> {
+    /// POSTs `body` and reads the body of a 200 answer as it arrives ([`BodyReader`]): memory
+    /// stays bounded whatever the response's size, and stanzas the reader drops are reported,
+    /// not failures. A response whose framing cannot be read is transient (a proxy may have cut
+    /// it short).
+    pub(crate) async fn post(&self, body: Bytes, timeout: Duration) -> Result<Response, PostError> {
         let send = async {
             let resp = self
                 .http
@@ -63,9 +79,20 @@ impl Transport {
             if status != 200 {
                 return Err(PostError::Status(status));
             }
-            resp.bytes()
+            let mut resp = resp;
+            let mut reader = BodyReader::new(self.limits);
+            while let Some(chunk) = resp
+                .chunk()
                 .await
-                .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))
+                .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))?
+            {
+                reader
+                    .feed(&chunk)
+                    .map_err(|e| PostError::Transient(TransportError::BadBody(e)))?;
+            }
+            reader
+                .finish()
+                .map_err(|e| PostError::Transient(TransportError::BadBody(e)))
         };
         tokio::time::timeout(timeout, send)
             .await

@@ -33,8 +33,38 @@ pub enum Rejection {
 }
 
 /// Reads one frame from a bound page.
+///
+/// The stanza, once `from` is set, writes out within `limits.max_bytes` (the parse keeps room
+/// for the `from`), so what goes upstream is never larger than the stanza limit. A stanza that
+/// is well-formed but breaks a rule only servers' parsers differ on (a non-ASCII name, a
+/// reserved namespace binding) or that expands past the limit gets a stanza error when its
+/// root can be read, a stream error otherwise.
 pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, Rejection> {
-    let mut el = xmpp::parse(frame.as_bytes(), limits).map_err(parse_rejection)?;
+    let from = full_jid.to_string();
+    // ` from="…"`: the stanza may have none, and the JID is written escaped.
+    let reserve = 8 + from.len() * 6;
+    let mut el = match xmpp::parse::parse_reserving(frame.as_bytes(), limits, reserve) {
+        Ok(el) => el,
+        Err(
+            e
+            @ (ParseError::NonAsciiName(_) | ParseError::BadNamespace(_) | ParseError::Expands(_)),
+        ) => {
+            let root = xmpp::parse::parse_root(frame.as_bytes(), limits, None).filter(|r| {
+                r.ns == ns::CLIENT && matches!(r.name.as_str(), "message" | "presence" | "iq")
+            });
+            let Some(mut root) = root else {
+                return Err(parse_rejection(e));
+            };
+            root.set_attr("from", from);
+            let condition = if matches!(e, ParseError::Expands(_)) {
+                "policy-violation"
+            } else {
+                "bad-request"
+            };
+            return Err(stanza_error(&root, "modify", condition, &e.to_string()));
+        }
+        Err(e) => return Err(parse_rejection(e)),
+    };
     if el.is("close", ns::FRAMING) {
         return Ok(PageInput::Close);
     }
@@ -44,7 +74,7 @@ pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, R
             text: format!("<{}/> in namespace {:?} is not a stanza", el.name, el.ns),
         });
     }
-    el.set_attr("from", full_jid.to_string());
+    el.set_attr("from", from);
     if let Some(to) = el.attr("to")
         && Jid::parse(to).is_err()
     {
@@ -103,16 +133,17 @@ pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, R
 /// Maps a parse failure to the RFC 6120 stream error condition a server would use.
 fn parse_rejection(e: ParseError) -> Rejection {
     let condition = match &e {
-        ParseError::TooLarge { .. } | ParseError::TooDeep(_) | ParseError::TooManyAttrs(_) => {
-            "policy-violation"
-        }
+        ParseError::TooLarge { .. }
+        | ParseError::TooDeep(_)
+        | ParseError::TooManyAttrs(_)
+        | ParseError::Expands(_) => "policy-violation",
         ParseError::Doctype
         | ParseError::Comment
         | ParseError::ProcessingInstruction
         | ParseError::Entity(_)
         | ParseError::Declaration => "restricted-xml",
         ParseError::InvalidUtf8(_) => "unsupported-encoding",
-        ParseError::UnknownPrefix(_) => "invalid-namespace",
+        ParseError::UnknownPrefix(_) | ParseError::BadNamespace(_) => "invalid-namespace",
         _ => "not-well-formed",
     };
     Rejection::Stream {
@@ -357,6 +388,45 @@ mod tests {
             check("<iq xmlns='jabber:client' type='error'/>"),
             Err(Rejection::Drop)
         );
+    }
+
+    #[test]
+    fn stanzas_servers_would_refuse_get_stanza_errors() {
+        for (frame, condition) in [
+            (
+                "<message xmlns='jabber:client' id='m1' to='b@x'><ș/></message>",
+                "bad-request",
+            ),
+            (
+                "<message xmlns='jabber:client' id='m1' to='b@x'><x xmlns='http://www.w3.org/XML/1998/namespace'/></message>",
+                "bad-request",
+            ),
+            (
+                &format!(
+                    "<message xmlns='jabber:client' id='m1' to='b@x' xmlns:p='urn:{}'>{}</message>",
+                    "u".repeat(1000),
+                    "<p:c/>".repeat(1000)
+                ),
+                "policy-violation",
+            ),
+        ] {
+            let Err(Rejection::Stanza(err)) = check(frame) else {
+                panic!("{frame:.80}: {:?}", check(frame));
+            };
+            assert_eq!(err.attr("id"), Some("m1"));
+            assert_eq!(err.attr("to"), Some(me().to_string().as_str()));
+            assert!(
+                err.child("error", ns::CLIENT)
+                    .unwrap()
+                    .child(condition, ns::STANZAS)
+                    .is_some(),
+                "{frame:.80}"
+            );
+        }
+        // A root that cannot be read is a stream error.
+        assert!(stream("not-well-formed")(&check(
+            "<ș xmlns='jabber:client'/>"
+        )));
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! Everything boshmux sends anywhere is written from this tree, never spliced from received bytes:
 //! the serializer declares each namespace where it changes, so an element cut out of a BOSH body or
 //! a page frame is complete on its own.
+//!
+//! Elements are written in the default-namespace style clients expect (`<x xmlns="…">`, never a
+//! prefix); attributes in a namespace get a prefix declared once, on the first element written
+//! that needs it, and reused by its descendants. The size of the output is bounded by what
+//! the parser counted ([`super::parse`]), so no input expands past the stanza limit.
 
 use std::fmt::{self, Write as _};
 
@@ -169,6 +174,18 @@ impl Element {
     /// Serializes into `out`, declaring the default namespace wherever it differs from
     /// `parent_ns` (the default namespace in scope where this element is written).
     pub fn write_xml(&self, out: &mut String, parent_ns: &str) {
+        self.write_scoped(out, parent_ns, &mut Vec::new());
+    }
+
+    /// `scope` holds the attribute namespaces the ancestors being written declared, with their
+    /// prefixes; what this element adds is removed again when it is closed.
+    fn write_scoped<'a>(
+        &'a self,
+        out: &mut String,
+        parent_ns: &str,
+        scope: &mut Vec<Declared<'a>>,
+    ) {
+        let mark = scope.len();
         out.push('<');
         out.push_str(&self.name);
         if self.ns != parent_ns {
@@ -176,24 +193,33 @@ impl Element {
             escape_attr(out, &self.ns);
             out.push('"');
         }
-        let mut declared = 0usize;
         for a in &self.attrs {
             out.push(' ');
             match a.ns.as_deref() {
                 None => {}
                 Some(ns::XML) => out.push_str("xml:"),
-                Some(ns::XBOSH) => {
-                    // Named `xmpp:` as XEP-0206 writes it; declared here, where it is used.
-                    out.push_str("xmlns:xmpp=\"");
-                    out.push_str(ns::XBOSH);
-                    out.push_str("\" xmpp:");
-                }
-                Some(other) => {
-                    // Any other attribute namespace gets a prefix of its own on this element.
-                    let _ = write!(out, "xmlns:a{declared}=\"");
-                    escape_attr(out, other);
-                    let _ = write!(out, "\" a{declared}:");
-                    declared += 1;
+                Some(uri) => {
+                    let prefix = match scope.iter().find(|d| d.ns == uri) {
+                        Some(d) => d.prefix,
+                        None => {
+                            let prefix = if uri == ns::XBOSH {
+                                // Named `xmpp:` as XEP-0206 writes it.
+                                Prefix::Xmpp
+                            } else {
+                                let n = scope.iter().filter(|d| d.prefix != Prefix::Xmpp).count();
+                                Prefix::Numbered(n)
+                            };
+                            out.push_str("xmlns:");
+                            prefix.write(out);
+                            out.push_str("=\"");
+                            escape_attr(out, uri);
+                            out.push_str("\" ");
+                            scope.push(Declared { ns: uri, prefix });
+                            prefix
+                        }
+                    };
+                    prefix.write(out);
+                    out.push(':');
                 }
             }
             out.push_str(&a.name);
@@ -203,19 +229,58 @@ impl Element {
         }
         if self.children.is_empty() {
             out.push_str("/>");
-            return;
+        } else {
+            out.push('>');
+            for n in &self.children {
+                match n {
+                    Node::Element(e) => e.write_scoped(out, &self.ns, scope),
+                    Node::Text(t) => escape_text(out, t),
+                }
+            }
+            out.push_str("</");
+            out.push_str(&self.name);
+            out.push('>');
         }
-        out.push('>');
-        for n in &self.children {
-            match n {
-                Node::Element(e) => e.write_xml(out, &self.ns),
-                Node::Text(t) => escape_text(out, t),
+        scope.truncate(mark);
+    }
+}
+
+/// An attribute namespace declared on an element being written.
+struct Declared<'a> {
+    ns: &'a str,
+    prefix: Prefix,
+}
+
+/// The prefixes the serializer gives attribute namespaces: `xmpp` for XEP-0206's, `aN`
+/// otherwise, numbered so that no declaration in scope is ever shadowed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prefix {
+    Xmpp,
+    Numbered(usize),
+}
+
+impl Prefix {
+    fn write(self, out: &mut String) {
+        match self {
+            Prefix::Xmpp => out.push_str("xmpp"),
+            Prefix::Numbered(n) => {
+                let _ = write!(out, "a{n}");
             }
         }
-        out.push_str("</");
-        out.push_str(&self.name);
-        out.push('>');
     }
+}
+
+/// An upper bound of the bytes `s` takes once escaped, as text or as an attribute value.
+pub(crate) fn escaped_len(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' => 5,
+                b'&' | b'\n' | b'\r' => 4,
+                b'<' | b'>' | b'\t' => 3,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 impl fmt::Display for Element {
@@ -294,6 +359,32 @@ mod tests {
         );
         assert_eq!(e.attr_ns(Some(ns::XBOSH), "version"), Some("1.0"));
         assert_eq!(e.attr("version"), None);
+    }
+
+    #[test]
+    fn each_attribute_namespace_is_declared_once_in_scope() {
+        let mut inner = Element::new("c", "urn:c");
+        inner.set_attr_ns(Some("urn:other"), "k", "1");
+        inner.set_attr_ns(Some("urn:third"), "m", "2");
+        let mut e = Element::new("body", ns::HTTPBIND)
+            .with_child(inner.clone())
+            .with_child(inner);
+        e.set_attr_ns(Some(ns::XBOSH), "version", "1.0");
+        e.set_attr_ns(Some(ns::XBOSH), "restart", "true");
+        e.set_attr_ns(Some("urn:other"), "k", "v");
+        e.set_attr_ns(Some("urn:other"), "l", "w");
+        assert_eq!(
+            e.to_xml(),
+            "<body xmlns=\"http://jabber.org/protocol/httpbind\" \
+             xmlns:xmpp=\"urn:xmpp:xbosh\" xmpp:version=\"1.0\" xmpp:restart=\"true\" \
+             xmlns:a0=\"urn:other\" a0:k=\"v\" a0:l=\"w\">\
+             <c xmlns=\"urn:c\" a0:k=\"1\" xmlns:a1=\"urn:third\" a1:m=\"2\"/>\
+             <c xmlns=\"urn:c\" a0:k=\"1\" xmlns:a1=\"urn:third\" a1:m=\"2\"/></body>"
+        );
+        assert_eq!(
+            crate::xmpp::parse(e.to_xml().as_bytes(), &crate::xmpp::Limits::PAGE),
+            Ok(e)
+        );
     }
 
     #[test]

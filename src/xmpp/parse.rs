@@ -3,13 +3,31 @@
 //! Stricter than XML itself, as RFC 6120 §11.1 asks of XMPP: no DTD, no comments, no processing
 //! instructions, no entity references but the five predefined ones and character references.
 //! Every limit is checked while reading, so hostile input costs at most `max_bytes` of work.
+//!
+//! Stricter than XML also where servers' parsers differ, so that nothing accepted here is refused
+//! upstream or by a page (SPEC §5): names are ASCII (see [`check_qname`]); the reserved `xml` and
+//! `xmlns` prefixes and namespaces cannot be bound, redeclared or used to name elements; a prefix
+//! cannot be bound to the empty string; namespace names carry no references, quotes, angle
+//! brackets or whitespace. The tree is bounded as written out, not only as read: `max_bytes` also
+//! caps the size [`Element::write_xml`] gives the result (counted while parsing, so a namespace
+//! declared once and used on thousands of children is refused before it is copied thousands of
+//! times), and the bytes the tree holds stay under [`HELD_FACTOR`] × `max_bytes`.
 
 use quick_xml::XmlVersion;
 use quick_xml::events::{BytesStart, Event};
-use quick_xml::name::ResolveResult;
+use quick_xml::name::{NamespaceError, ResolveResult};
 use quick_xml::reader::NsReader;
 
-use super::element::{Attr, Element, Node};
+use super::element::{self, Attr, Element, Node};
+use super::ns;
+
+/// The bytes a parsed tree may hold (names, namespace names, attributes, text), as a multiple
+/// of `max_bytes`: every element keeps its own copy of its namespace name, so a frame within
+/// the limit could otherwise hold far more than it weighs.
+pub const HELD_FACTOR: usize = 4;
+
+/// The reserved namespace of the `xmlns` prefix, which nothing may bind.
+const XMLNS: &str = "http://www.w3.org/2000/xmlns/";
 
 /// Bounds on what one parse accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +109,18 @@ pub enum ParseError {
     /// An element or attribute name that is not an XML name.
     #[error("invalid name {0:?}")]
     BadName(String),
+    /// A name XML allows but outside the ASCII subset every server accepts (e.g. `ș`).
+    #[error("name {0:?} is not ASCII")]
+    NonAsciiName(String),
+    /// A namespace declaration or prefix use that servers refuse: binding the reserved `xml`
+    /// or `xmlns` prefixes or namespaces, naming an element with them, binding a prefix to the
+    /// empty string, or a namespace name with references, quotes, `<`, `>` or whitespace.
+    #[error("namespace not allowed: {0}")]
+    BadNamespace(&'static str),
+    /// Written out, the element would be larger than [`Limits::max_bytes`] (or hold more than
+    /// [`HELD_FACTOR`] times that).
+    #[error("the element expands beyond the limit of {0} bytes")]
+    Expands(usize),
     /// An end tag with no open element (e.g. `</body>` breaking out of a wrapper).
     #[error("end tag </{0}> without a start tag")]
     UnmatchedEnd(String),
@@ -109,6 +139,41 @@ pub enum ParseError {
 
 /// Parses exactly one element (whitespace around it allowed) under `limits`.
 pub fn parse(input: &[u8], limits: &Limits) -> Result<Element, ParseError> {
+    parse_in(input, limits, None)
+}
+
+/// Like [`parse`], for an element that appears inside another whose start tag is `scope` (the
+/// text between `<` and `>`, e.g. `body xmlns='…' xmlns:stream='…'`): the namespace
+/// declarations of `scope` are in force, as for a stanza read out of a BOSH body. `scope` must
+/// itself have passed this parser.
+pub fn parse_in(input: &[u8], limits: &Limits, scope: Option<&str>) -> Result<Element, ParseError> {
+    let text = checked_text(input, limits)?;
+    Parser::new(text, limits, scope)?.run(false)
+}
+
+/// Like [`parse`], keeping `reserve` bytes of the written-out size free for what the caller
+/// adds before writing (e.g. the `from` a page's stanza gets): the result, so changed, still
+/// writes out within `max_bytes`.
+pub fn parse_reserving(
+    input: &[u8],
+    limits: &Limits,
+    reserve: usize,
+) -> Result<Element, ParseError> {
+    let text = checked_text(input, limits)?;
+    let mut parser = Parser::new(text, limits, None)?;
+    parser.written = reserve;
+    parser.run(false)
+}
+
+/// The root element's name, namespace and attributes, without its content: what an error reply
+/// needs when the whole element was refused (e.g. for its size or a name deep inside). `None`
+/// when even the root's start tag cannot be read under `limits`.
+pub fn parse_root(input: &[u8], limits: &Limits, scope: Option<&str>) -> Option<Element> {
+    let text = checked_text(input, limits).ok()?;
+    Parser::new(text, limits, scope).ok()?.run(true).ok()
+}
+
+fn checked_text<'i>(input: &'i [u8], limits: &Limits) -> Result<&'i str, ParseError> {
     if input.len() > limits.max_bytes {
         return Err(ParseError::TooLarge {
             size: input.len(),
@@ -117,7 +182,7 @@ pub fn parse(input: &[u8], limits: &Limits) -> Result<Element, ParseError> {
     }
     let text = std::str::from_utf8(input).map_err(|e| ParseError::InvalidUtf8(e.valid_up_to()))?;
     check_chars(text)?;
-    Parser::new(text, limits).run()
+    Ok(text)
 }
 
 struct Parser<'i> {
@@ -127,26 +192,42 @@ struct Parser<'i> {
     stack: Vec<Element>,
     root: Option<Element>,
     seen_anything: bool,
+    /// Bytes [`Element::write_xml`] will need for what was read so far (an upper bound).
+    written: usize,
+    /// Bytes the tree holds so far.
+    held: usize,
 }
 
 impl<'i> Parser<'i> {
-    fn new(text: &'i str, limits: &'i Limits) -> Self {
+    fn new(text: &'i str, limits: &'i Limits, scope: Option<&str>) -> Result<Self, ParseError> {
         let mut reader = NsReader::from_str(text);
         let config = reader.config_mut();
         config.check_end_names = true;
         config.check_comments = true;
         config.allow_dangling_amp = false;
         config.allow_unmatched_ends = false;
-        Parser {
+        if let Some(scope) = scope {
+            let name_len = scope
+                .find(|c: char| c.is_ascii_whitespace() || c == '/')
+                .unwrap_or(scope.len());
+            reader
+                .resolver_mut()
+                .push(&BytesStart::from_content(scope, name_len))
+                .map_err(namespace_error)?;
+        }
+        Ok(Parser {
             reader,
             limits,
             stack: Vec::new(),
             root: None,
             seen_anything: false,
-        }
+            written: 0,
+            held: 0,
+        })
     }
 
-    fn run(mut self) -> Result<Element, ParseError> {
+    /// Parses the input; with `root_only`, returns the root as soon as its start tag is read.
+    fn run(mut self, root_only: bool) -> Result<Element, ParseError> {
         loop {
             let (ns, event) = self.reader.read_resolved_event().map_err(reader_error)?;
             let ns = match ns {
@@ -157,10 +238,16 @@ impl<'i> Parser<'i> {
             match event {
                 Event::Start(start) => {
                     let el = self.open(&start, ns)?;
+                    if root_only {
+                        return Ok(el);
+                    }
                     self.stack.push(el);
                 }
                 Event::Empty(start) => {
                     let el = self.open(&start, ns)?;
+                    if root_only {
+                        return Ok(el);
+                    }
                     self.close(el);
                 }
                 Event::End(_) => {
@@ -206,7 +293,7 @@ impl<'i> Parser<'i> {
     }
 
     /// Builds the element for a start tag, checking depth, names and attributes.
-    fn open(&self, start: &BytesStart<'_>, ns: Option<String>) -> Result<Element, ParseError> {
+    fn open(&mut self, start: &BytesStart<'_>, ns: Option<String>) -> Result<Element, ParseError> {
         if self.root.is_some() {
             return Err(ParseError::MultipleRoots);
         }
@@ -215,7 +302,22 @@ impl<'i> Parser<'i> {
         }
         let qname = start.name();
         check_qname(qname.as_ref())?;
+        if let Some(prefix) = qname.prefix()
+            && matches!(prefix.as_ref(), "xml" | "xmlns")
+        {
+            return Err(ParseError::BadNamespace(
+                "the xml and xmlns prefixes cannot name elements",
+            ));
+        }
         let mut el = Element::new(start.local_name().as_ref(), ns.unwrap_or_default());
+        // Written as `<name xmlns="ns" …></name>`: the declaration only where the namespace
+        // changes, as the serializer does (the root always counts it).
+        let parent_ns = self.stack.last().map(|p| p.ns.as_str());
+        let mut written = 5 + 2 * el.name.len();
+        if parent_ns != Some(el.ns.as_str()) {
+            written += 9 + element::escaped_len(&el.ns);
+        }
+        let mut held = el.name.len() + el.ns.len();
         let mut count = 0usize;
         for attr in start.attributes() {
             let attr = attr.map_err(malformed)?;
@@ -225,7 +327,9 @@ impl<'i> Parser<'i> {
             }
             let key = attr.key.as_ref();
             if key == "xmlns" || key.starts_with("xmlns:") {
-                continue; // already applied by the namespace resolver
+                // Applied by the namespace resolver; checked here for what it lets through.
+                check_declaration(key, attr.value.as_bytes())?;
+                continue;
             }
             check_qname(key)?;
             let (resolved, local) = self.reader.resolver().resolve_attribute(attr.key);
@@ -251,13 +355,33 @@ impl<'i> Parser<'i> {
                     local.as_ref()
                 )));
             }
+            // ` name="value"`, plus `xml:` or a prefix declared for it (at most 40 bytes
+            // besides the namespace name, whatever prefix the serializer picks).
+            written += 4 + local.as_ref().len() + element::escaped_len(&value);
+            held += local.as_ref().len() + value.len();
+            if let Some(n) = &attr_ns {
+                written += 40 + element::escaped_len(n);
+                held += n.len();
+            }
             el.attrs.push(Attr {
                 ns: attr_ns,
                 name: local.as_ref().to_owned(),
                 value: value.into_owned(),
             });
         }
+        self.spend(written, held)?;
         Ok(el)
+    }
+
+    /// Counts `written` bytes of output and `held` bytes of tree against the limits.
+    fn spend(&mut self, written: usize, held: usize) -> Result<(), ParseError> {
+        self.written += written;
+        self.held += held;
+        let limit = self.limits.max_bytes;
+        if self.written > limit || self.held > limit.saturating_mul(HELD_FACTOR) {
+            return Err(ParseError::Expands(limit));
+        }
+        Ok(())
     }
 
     /// Attaches a finished element to its parent, or makes it the root.
@@ -269,10 +393,14 @@ impl<'i> Parser<'i> {
     }
 
     fn text(&mut self, t: &str) -> Result<(), ParseError> {
-        let Some(parent) = self.stack.last_mut() else {
+        if self.stack.is_empty() {
             if t.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r')) {
                 return Ok(());
             }
+            return Err(ParseError::TextOutsideRoot);
+        }
+        self.spend(element::escaped_len(t), t.len())?;
+        let Some(parent) = self.stack.last_mut() else {
             return Err(ParseError::TextOutsideRoot);
         };
         match parent.children.last_mut() {
@@ -292,8 +420,58 @@ fn reader_error(e: quick_xml::Error) -> ParseError {
         quick_xml::Error::IllFormed(IllFormedError::MismatchedEndTag { expected, found }) => {
             ParseError::MismatchedEnd { expected, found }
         }
+        quick_xml::Error::Namespace(e) => namespace_error(e),
         other => malformed(other),
     }
+}
+
+fn namespace_error(e: NamespaceError) -> ParseError {
+    match e {
+        NamespaceError::UnknownPrefix(p) => ParseError::UnknownPrefix(p),
+        NamespaceError::InvalidXmlPrefixBind(_) | NamespaceError::InvalidXmlnsPrefixBind(_) => {
+            ParseError::BadNamespace("the xml and xmlns prefixes cannot be declared")
+        }
+        NamespaceError::InvalidPrefixForXml(_) | NamespaceError::InvalidPrefixForXmlns(_) => {
+            ParseError::BadNamespace("the reserved XML and XMLNS namespaces cannot be bound")
+        }
+        other => malformed(other),
+    }
+}
+
+/// Checks an `xmlns` or `xmlns:prefix` attribute (raw value) against what every server accepts.
+fn check_declaration(key: &str, raw: &[u8]) -> Result<(), ParseError> {
+    if let Some(prefix) = key.strip_prefix("xmlns:") {
+        check_qname(prefix)?;
+        if prefix.contains(':') {
+            return Err(ParseError::BadName(key.to_owned()));
+        }
+        if matches!(prefix, "xml" | "xmlns") {
+            return Err(ParseError::BadNamespace(
+                "the xml and xmlns prefixes cannot be declared",
+            ));
+        }
+        if raw.is_empty() {
+            return Err(ParseError::BadNamespace(
+                "a prefix cannot be bound to the empty namespace",
+            ));
+        }
+    }
+    if raw == ns::XML.as_bytes() || raw == XMLNS.as_bytes() {
+        return Err(ParseError::BadNamespace(
+            "the reserved XML and XMLNS namespaces cannot be bound",
+        ));
+    }
+    // The resolver takes the value raw: a reference or normalized whitespace would make the
+    // namespace name differ from what other parsers see, and would not survive being written.
+    if raw
+        .iter()
+        .any(|b| matches!(b, b'&' | b'<' | b'>' | b'"' | b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        return Err(ParseError::BadNamespace(
+            "a namespace name cannot contain references, quotes, angle brackets or whitespace",
+        ));
+    }
+    Ok(())
 }
 
 fn malformed(e: impl std::fmt::Display) -> ParseError {
@@ -337,15 +515,24 @@ fn check_chars(text: &str) -> Result<(), ParseError> {
     Ok(())
 }
 
-/// Checks `prefix:local` or `local` against a conservative reading of the XML `Name` production.
-fn check_qname(q: &str) -> Result<(), ParseError> {
+/// Checks `prefix:local` or `local`: each part is an ASCII name, a letter or `_` followed by
+/// letters, digits, `_`, `-` and `.` — the ASCII subset of XML's `NameStartChar`/`NameChar`.
+/// Every XML parser accepts these; beyond ASCII, parsers differ (expat follows XML 1.0 fifth
+/// edition, others the older character tables), and a name one side accepts and the other
+/// refuses ends the shared session.
+pub fn check_qname(q: &str) -> Result<(), ParseError> {
+    if !q.is_ascii() {
+        return Err(ParseError::NonAsciiName(q.to_owned()));
+    }
     let mut parts = q.splitn(2, ':');
     let ok = parts.all(|p| {
-        let mut chars = p.chars();
-        chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
-            && chars.all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '\u{b7}'))
+        let mut bytes = p.bytes();
+        bytes
+            .next()
+            .is_some_and(|b| b == b'_' || b.is_ascii_alphabetic())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
     });
-    if ok && !q.ends_with(':') {
+    if ok {
         Ok(())
     } else {
         Err(ParseError::BadName(q.to_owned()))
@@ -427,6 +614,112 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(page(input).as_ref(), Err(want), "input {input:?}");
         }
+    }
+
+    #[test]
+    fn names_are_ascii_and_reserved_namespaces_stay_reserved() {
+        use ParseError::*;
+        let reserved = BadNamespace("the reserved XML and XMLNS namespaces cannot be bound");
+        let prefixes = BadNamespace("the xml and xmlns prefixes cannot be declared");
+        let elements = BadNamespace("the xml and xmlns prefixes cannot name elements");
+        let cases: &[(&str, ParseError)] = &[
+            ("<a><ș/></a>", NonAsciiName("ș".into())),
+            ("<a><x 𝒳='1'/></a>", NonAsciiName("𝒳".into())),
+            ("<a xmlns:ș='u'/>", NonAsciiName("ș".into())),
+            ("<a><b:c:d xmlns:b='u'/></a>", BadName("b:c:d".into())),
+            (
+                "<a><b xmlns:p='http://www.w3.org/XML/1998/namespace'/></a>",
+                reserved.clone(),
+            ),
+            (
+                "<a><b xmlns='http://www.w3.org/XML/1998/namespace'/></a>",
+                reserved.clone(),
+            ),
+            (
+                "<a><b xmlns='http://www.w3.org/2000/xmlns/'/></a>",
+                reserved.clone(),
+            ),
+            (
+                "<a><b xmlns:p='http://www.w3.org/2000/xmlns/'/></a>",
+                reserved,
+            ),
+            ("<a><b xmlns:xml='urn:x'/></a>", prefixes.clone()),
+            (
+                "<a><b xmlns:xml='http://www.w3.org/XML/1998/namespace'/></a>",
+                prefixes.clone(),
+            ),
+            ("<a><b xmlns:xmlns='urn:x'/></a>", prefixes),
+            ("<a><xml:b/></a>", elements.clone()),
+            ("<a><xmlns:b/></a>", elements),
+            (
+                "<a><b xmlns:p=''/></a>",
+                BadNamespace("a prefix cannot be bound to the empty namespace"),
+            ),
+            (
+                "<a xmlns='u&amp;v'/>",
+                BadNamespace(
+                    "a namespace name cannot contain references, quotes, angle brackets or whitespace",
+                ),
+            ),
+            (
+                "<a xmlns='u v'/>",
+                BadNamespace(
+                    "a namespace name cannot contain references, quotes, angle brackets or whitespace",
+                ),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(page(input).as_ref(), Err(want), "input {input:?}");
+        }
+        // Still fine: xml:lang, an undeclared default namespace, a prefix bound once and used.
+        assert!(
+            page("<a xml:lang='en' xmlns='u'><b xmlns=''/><p:c xmlns:p='v' p:k='1'/></a>").is_ok()
+        );
+    }
+
+    #[test]
+    fn the_written_size_is_bounded_by_the_limit() {
+        let limits = Limits {
+            max_bytes: 4096,
+            ..Limits::PAGE
+        };
+        // Declared once, used on many children: small as read, large as written (each child
+        // declares it) — refused.
+        let uri = format!("urn:{}", "u".repeat(200));
+        let frame = format!("<a xmlns:p='{uri}'>{}</a>", "<p:c/>".repeat(100));
+        assert!(frame.len() < 1024);
+        assert_eq!(
+            parse(frame.as_bytes(), &limits),
+            Err(ParseError::Expands(4096))
+        );
+        // Inherited, it is not written again, but each element holds a copy: bounded too.
+        let frame = format!("<a xmlns='{uri}'>{}</a>", "<c/>".repeat(200));
+        assert_eq!(
+            parse(frame.as_bytes(), &limits),
+            Err(ParseError::Expands(4096))
+        );
+        // Escaping counts: 1000 `"` are 6000 bytes written.
+        let frame = format!("<a v='{}'/>", "\"".repeat(1000));
+        assert_eq!(
+            parse(frame.as_bytes(), &limits),
+            Err(ParseError::Expands(4096))
+        );
+        let ok = format!("<a xmlns:p='{uri}'>{}</a>", "<p:c/>".repeat(10));
+        let el = parse(ok.as_bytes(), &limits).unwrap();
+        assert!(el.to_xml().len() <= 4096);
+    }
+
+    #[test]
+    fn the_root_alone_can_be_read_for_an_error_reply() {
+        let root = parse_root(
+            b"<iq xmlns='jabber:client' id='1' type='get'><\xc8\x99/></iq>",
+            &Limits::PAGE,
+            None,
+        )
+        .unwrap();
+        assert_eq!(root.attr("id"), Some("1"));
+        assert!(root.children.is_empty());
+        assert_eq!(parse_root("<ș/>".as_bytes(), &Limits::PAGE, None), None);
     }
 
     #[test]
