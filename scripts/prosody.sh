@@ -9,7 +9,7 @@
 #   prosody_stop      stop it and remove its files; idempotent, run automatically on EXIT
 #
 # Users: groups of four mutual contacts so that tests running in parallel never see each other's
-# presence: g01a g01b g01c g01d, g02a … g32d (password "pw-" + username). Users of different groups
+# presence: g01a g01b g01c g01d, g02a … g64d (password "pw-" + username). Users of different groups
 # are not contacts. Set BOSHMUX_TEST_PROSODY_KEEP=1 to keep the temp dir (config, data, log)
 # after the run for debugging.
 
@@ -156,7 +156,7 @@ _prosody_bosh_up() { # PORT
 }
 
 prosody_start() {
-	local groups=${BOSHMUX_TEST_PROSODY_GROUPS:-32}
+	local groups=${BOSHMUX_TEST_PROSODY_GROUPS:-64}
 	if ((groups < 1 || groups > 99)); then
 		echo "prosody.sh: BOSHMUX_TEST_PROSODY_GROUPS must be 1..99 (usernames carry two digits)" >&2
 		return 1

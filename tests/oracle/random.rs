@@ -1,0 +1,223 @@
+//! Seeded random interleavings: short random scripts played one after another on one pair of
+//! long-lived worlds (logging in costs more than a run), each compared on its own. The seed is
+//! printed; `BOSHMUX_ORACLE_SEED=N` replays it, `BOSHMUX_ORACLE_RUNS=N` sets the number of runs.
+
+use std::collections::BTreeMap;
+
+use crate::script::{Answer, Script, Step, Who};
+use crate::support::Prosody;
+use crate::world::{Mode, World};
+use crate::{compare, observers, play_on};
+
+/// Tabs per random world.
+const TABS: usize = 3;
+/// Steps per random run.
+const STEPS: usize = 6;
+/// Rooms the random runs use, created (by contact B) before the first run.
+const ROOMS: [&str; 2] = ["x0", "x1"];
+
+/// SplitMix64: small, seedable, and the same everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// One random step.
+fn step(rng: &mut Rng) -> Step {
+    let tab = Who::Tab(rng.below(TABS));
+    let contact = *rng.pick(&[Who::B, Who::C]);
+    let contact_jid = *rng.pick(&["{B}", "{C}", "{Bf}"]);
+    let room = *rng.pick(&ROOMS);
+    let nick = *rng.pick(&["u", "u2"]);
+    let send = |who: Who, s: String| Step::Send(who, s);
+    match rng.below(20) {
+        0 | 1 => {
+            let show = *rng.pick(&["", "away", "dnd", "xa", "chat"]);
+            let inner = if show.is_empty() {
+                String::new()
+            } else {
+                format!("<show>{show}</show>")
+            };
+            send(tab, format!("<presence>{inner}</presence>"))
+        }
+        2 => send(tab, "<presence type='unavailable'/>".to_owned()),
+        3 | 4 => {
+            let kind = *rng.pick(&[
+                "type='chat'><body>c</body>",
+                "type='chat'><body>p</body><private xmlns='urn:xmpp:carbons:2'/>",
+                "type='chat'><body>n</body><no-copy xmlns='urn:xmpp:hints'/>",
+                "type='headline'><body>h</body>",
+                "><body>normal</body>",
+                "><x xmlns='jabber:x:oob'><url>https://a.example/</url></x>",
+                "type='chat'><gone xmlns='http://jabber.org/protocol/chatstates'/>",
+            ]);
+            send(tab, format!("<message to='{contact_jid}' {kind}</message>"))
+        }
+        5 | 6 => {
+            let to = *rng.pick(&["{U}", "{Uf}"]);
+            let kind = *rng.pick(&[
+                "type='chat'><body>c</body>",
+                "type='chat'><body>p</body><private xmlns='urn:xmpp:carbons:2'/>",
+                "type='headline'><body>h</body>",
+                "><body>normal</body>",
+                "><x xmlns='jabber:x:oob'><url>https://b.example/</url></x>",
+            ]);
+            send(contact, format!("<message to='{to}' {kind}</message>"))
+        }
+        7 => {
+            let q = *rng.pick(&[
+                "to='{S}'><query xmlns='http://jabber.org/protocol/disco#info'/>",
+                "to='{S}'><query xmlns='jabber:iq:version'/>",
+                "><query xmlns='jabber:iq:roster'/>",
+                "to='{M}'><query xmlns='http://jabber.org/protocol/disco#items'/>",
+            ]);
+            send(tab, format!("<iq type='get' id='o-q' {q}</iq>"))
+        }
+        8 | 9 => send(
+            tab,
+            format!(
+                "<presence to='{{r:{room}}}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+            ),
+        ),
+        10 => send(
+            tab,
+            format!("<presence type='unavailable' to='{{r:{room}}}/{nick}'/>"),
+        ),
+        11 => send(tab, format!("<presence to='{{r:{room}}}/{nick}'/>")),
+        12 => send(
+            tab,
+            format!("<message to='{{r:{room}}}' type='groupchat'><body>t</body></message>"),
+        ),
+        13 => send(
+            Who::B,
+            format!("<message to='{{r:{room}}}' type='groupchat'><body>b</body></message>"),
+        ),
+        14 => send(
+            Who::B,
+            format!(
+                "<message to='{{r:{room}}}' type='groupchat'><subject>s{}</subject></message>",
+                rng.below(3)
+            ),
+        ),
+        15 => send(
+            Who::B,
+            format!(
+                "<iq type='set' id='o-kick' to='{{r:{room}}}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='{nick}' role='none'/></query></iq>"
+            ),
+        ),
+        16 => {
+            let show = *rng.pick(&["<show>away</show>", "", "<show>dnd</show>"]);
+            send(contact, format!("<presence>{show}</presence>"))
+        }
+        17 | 18 => Step::Reload(rng.below(TABS)),
+        _ => {
+            let mut answers: Vec<Answer> = (0..TABS)
+                .map(|_| match rng.below(3) {
+                    0 => Answer::Error,
+                    1 => Answer::Silent,
+                    _ => Answer::Result("<query xmlns='jabber:iq:version'><name>t</name></query>"),
+                })
+                .collect();
+            // A request no page answers is held until the daemon's timeout (SPEC §6.2);
+            // keep runs quick by letting every page that has no result answer an error.
+            if !answers.iter().any(|a| matches!(a, Answer::Result(_))) {
+                answers = (0..TABS).map(|_| Answer::Error).collect();
+            }
+            Step::Ask {
+                from: contact,
+                payload: "<query xmlns='jabber:iq:version'/>".to_owned(),
+                answers,
+            }
+        }
+    }
+}
+
+/// Random run `i` of `seed`.
+pub fn script(seed: u64, i: u64) -> Script {
+    let mut rng = Rng(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    Script {
+        name: format!("random seed={seed} run={i}"),
+        tabs: TABS,
+        steps: (0..STEPS).map(|_| step(&mut rng)).collect(),
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, got {v:?}"))
+    })
+}
+
+/// Plays the random runs on A (`groups.0`) and B (`groups.1`); stops at the first run whose
+/// sides differ and fails with its seed, index, script and differences.
+pub async fn check(p: &Prosody, groups: (&str, &str)) {
+    let seed = env_u64("BOSHMUX_ORACLE_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let runs = env_u64("BOSHMUX_ORACLE_RUNS").unwrap_or(200);
+    eprintln!("oracle: random interleavings, BOSHMUX_ORACLE_SEED={seed}, {runs} runs");
+    let started = std::time::Instant::now();
+    let tag = format!("x{}", seed % 100_000);
+    let (tag_a, tag_b) = (format!("{tag}a"), format!("{tag}b"));
+    let (mut a, mut b) = tokio::join!(
+        World::start(p, Mode::Direct, groups.0, &tag_a, TABS),
+        World::start(p, Mode::Daemon, groups.1, &tag_b, TABS),
+    );
+    let mut obs_a = observers(TABS, false);
+    let mut obs_b = observers(TABS, true);
+    let mut hits = BTreeMap::new();
+    let mut setup = Script::new("random setup", TABS);
+    for room in ROOMS {
+        setup = setup.create_room(Who::B, room, "bee", &[]);
+    }
+    let mut failure = None;
+    for i in 0..=runs {
+        let (script, open) = if i == 0 {
+            (setup.clone(), true)
+        } else {
+            (script(seed, i), false)
+        };
+        let (pa, pb) = tokio::join!(
+            play_on(&mut a, &script, open),
+            play_on(&mut b, &script, open)
+        );
+        let report = compare(&script, &pa, &pb, &mut obs_a, &mut obs_b, !open, &mut hits);
+        if !report.is_empty() {
+            let steps: Vec<String> = script.steps.iter().map(crate::describe).collect();
+            failure = Some(format!(
+                "oracle: {} differs (replay with BOSHMUX_ORACLE_SEED={seed} BOSHMUX_ORACLE_RUNS={i}); its steps:\n  {}\n\n{}",
+                script.name,
+                steps.join("\n  "),
+                report.join("\n")
+            ));
+            break;
+        }
+    }
+    tokio::join!(a.close(), b.close());
+    eprintln!(
+        "oracle: random runs took {:.1}s; allow-list hits: {}",
+        started.elapsed().as_secs_f64(),
+        crate::view::hits_text(&hits)
+    );
+    if let Some(f) = failure {
+        panic!("{f}");
+    }
+}
