@@ -186,7 +186,7 @@ impl Rooms {
                 if room.pages.is_empty() && room.kept_until.is_none() {
                     let nick = room.nick.clone();
                     self.rooms.remove(&room_jid);
-                    presence.set_attr("to", room_jid.with_resource(&nick).to_string());
+                    presence.set_attr("to", occupant(&room_jid, &nick));
                     return Some(vec![Effect::Upstream(presence)]);
                 }
                 // Others stay in the room: this page alone sees itself leave.
@@ -301,7 +301,7 @@ impl Rooms {
             out.push(Effect::Upstream(
                 Element::new("presence", ns::CLIENT)
                     .with_attr("from", me.to_string())
-                    .with_attr("to", jid.with_resource(&room.nick).to_string())
+                    .with_attr("to", occupant(&jid, &room.nick))
                     .with_attr("type", "unavailable"),
             ));
         }
@@ -319,7 +319,7 @@ impl Rooms {
             room.asking.clear();
             room.join.set_attr("from", me.to_string());
             room.join
-                .set_attr("to", jid.with_resource(&room.nick).to_string());
+                .set_attr("to", occupant(jid, &room.nick));
             out.push(room.join.clone());
         }
         out
@@ -387,10 +387,16 @@ impl Rooms {
     }
 }
 
+/// The occupant JID `room/nick` as text. `nick` is always the resource of a parsed (and so
+/// prepared) JID, so it needs no preparation again.
+fn occupant(room: &Jid, nick: &str) -> String {
+    format!("{room}/{nick}")
+}
+
 /// The unavailable self-presence a page sees when it leaves a room other pages stay in.
 fn self_leave(room: &Jid, nick: &str, me: &Jid) -> Element {
     Element::new("presence", ns::CLIENT)
-        .with_attr("from", room.with_resource(nick).to_string())
+        .with_attr("from", occupant(room, nick))
         .with_attr("to", me.to_string())
         .with_attr("type", "unavailable")
         .with_child(
