@@ -1,6 +1,6 @@
 //! SPEC §2: an unknown `BOSHMUX_*` environment variable (a wrapper script's own `BOSHMUX_BIN`, a
 //! typo) is a warning that names it and the closest setting; `serve` and `check-config` start.
-//! The binary logs to standard output.
+//! Warnings go to stderr with the logs; stdout carries only what the command prints.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -29,9 +29,11 @@ const TYPO_WARNING: &str = "environment variable BOSHMUX_LISTN is not a boshmux 
 fn check_config_warns_and_succeeds() {
     let out = boshmux(&["check-config"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains(BIN_WARNING), "{stdout}");
-    assert!(stdout.contains(TYPO_WARNING), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(BIN_WARNING), "{stderr}");
+    assert!(stderr.contains(TYPO_WARNING), "{stderr}");
+    assert!(!stdout.contains("WARN"), "{stdout}");
     assert!(stdout.contains("listen: 127.0.0.1:5380"), "{stdout}");
     assert!(!stdout.contains(API_KEY), "{stdout}");
 }
@@ -47,14 +49,14 @@ fn serve_warns_and_serves() {
         "--xmpp-domain",
         "localhost",
     ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
