@@ -10,7 +10,9 @@
 #
 # Users: groups of four mutual contacts so that tests running in parallel never see each other's
 # presence: g01a g01b g01c g01d, g02a … g64d (password "pw-" + username). Users of different groups
-# are not contacts. Set BOSHMUX_TEST_PROSODY_KEEP=1 to keep the temp dir (config, data, log)
+# are not contacts. Two more, registered through prosodyctl so that Prosody itself prepares them:
+# `zoë` (password "pw-zoë") and `nbsp` (password "pw-no" U+00A0 "break", which SASLprep turns into
+# a space). Set BOSHMUX_TEST_PROSODY_KEEP=1 to keep the temp dir (config, data, log)
 # after the run for debugging.
 
 _prosody_apt_updated=
@@ -101,6 +103,14 @@ for g in range(1, groups + 1):
 EOF
 }
 
+# Accounts whose names or passwords need stringprep: registered the way an admin would, so that
+# Prosody applies nodeprep to the name and SASLprep to the password before hashing it.
+_prosody_register() { # DIR
+	local cfg="$1/prosody.cfg.lua"
+	prosodyctl --config "$cfg" register 'zoë' localhost 'pw-zoë' >/dev/null &&
+		prosodyctl --config "$cfg" register nbsp localhost $'pw-no\xc2\xa0break' >/dev/null
+}
+
 _prosody_write_config() { # DIR C2S_PORT HTTP_PORT
 	local dir=$1 c2s_port=$2 http_port=$3
 	cat >"$dir/prosody.cfg.lua" <<EOF
@@ -180,6 +190,7 @@ prosody_start() {
 		prosody_stop
 		return 1
 	}
+	_prosody_register "$_prosody_dir" || { prosody_stop; return 1; }
 
 	# -F keeps it in the foreground (mod_posix would daemonize otherwise) so that $! is its PID.
 	prosody --config "$_prosody_dir/prosody.cfg.lua" -F \

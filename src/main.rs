@@ -35,7 +35,10 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs on stderr, as the README says: stdout carries what a command prints (check-config's
+    // settings, load's report).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BOSHMUX_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

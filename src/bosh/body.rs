@@ -336,6 +336,36 @@ mod tests {
     }
 
     #[test]
+    fn debug_hides_the_sid_here_and_in_what_holds_it() {
+        let sid = "sid-CANARY-31f0";
+        let raw = format!(
+            "<body xmlns='http://jabber.org/protocol/httpbind' sid='{sid}' wait='60' requests='2'/>"
+        );
+        let params = SessionParams::from_body(&Body::parse(raw.as_bytes()).unwrap()).unwrap();
+        let request = Body::request(7, sid, []).to_bytes();
+        let suspended = crate::bosh::scheduler::Suspended {
+            unanswered: vec![(7, request)],
+            ..crate::bosh::scheduler::Suspended::fresh(params.clone(), 8, Vec::new())
+        };
+        let saved = crate::state::SavedSession::new(
+            "a@b/c".into(),
+            false,
+            suspended.clone(),
+            crate::session::mux::MuxSnapshot::default(),
+            Vec::new(),
+            std::time::SystemTime::now(),
+        );
+        for shown in [
+            format!("{params:?}"),
+            format!("{suspended:?}"),
+            format!("{saved:?}"),
+        ] {
+            assert!(!shown.contains(sid), "{shown}");
+            assert!(shown.contains("wait: 60"), "{shown}");
+        }
+    }
+
+    #[test]
     fn reads_a_prosody_creation_response() {
         // As Prosody 0.12 answers, `stream:` prefix declared on the body.
         let raw = "<body xmlns:stream='http://etherx.jabber.org/streams' xmlns:xmpp='urn:xmpp:xbosh' \

@@ -277,7 +277,30 @@ fn safe_next(next: &str, allowed: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::safe_next;
+    use super::{CreateRequest, CreateResponse, HandoffQuery, safe_next};
+
+    #[test]
+    fn debug_hides_passwords_sids_tokens_and_tickets() {
+        let req: CreateRequest = serde_json::from_str(
+            r#"{"jid": "a@b", "password": "pw-CANARY", "sid": "sid-CANARY", "rid": 5}"#,
+        )
+        .unwrap();
+        let resp = CreateResponse {
+            jid: "a@b/r".into(),
+            token: "token-CANARY".into(),
+            ticket: "ticket-CANARY".into(),
+            expires_at: "2030-01-01T00:00:00Z".into(),
+        };
+        let query: HandoffQuery =
+            serde_json::from_str(r#"{"ticket": "ticket-CANARY", "next": "/x"}"#).unwrap();
+        for shown in [
+            format!("{req:?}"),
+            format!("{resp:?}"),
+            format!("{query:?}"),
+        ] {
+            assert!(!shown.contains("CANARY"), "{shown}");
+        }
+    }
 
     #[test]
     fn next_must_stay_on_site_or_an_allowed_origin() {
