@@ -36,6 +36,23 @@ async fn sees_online(page: &mut Page, from: &str) {
     .await;
 }
 
+/// A round trip through the session whose answer must be the page's very next frame: nothing
+/// stray (another page's answer, a duplicate) arrived before it.
+async fn strict_sync(page: &mut Page) {
+    let id = format!("strict-{}", uuid::Uuid::new_v4().simple());
+    let ping = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("id", id.clone())
+        .with_attr("to", "localhost")
+        .with_child(Element::new("ping", ns::PING));
+    page.send(&ping).await;
+    let next = page.next().await;
+    assert!(
+        next.is("iq", ns::CLIENT) && next.attr("id") == Some(id.as_str()),
+        "a stray frame before the round trip's answer: {next}"
+    );
+}
+
 #[tokio::test]
 async fn three_pages_bind_the_same_jid_over_one_upstream_session() {
     let p = prosody();
@@ -174,9 +191,9 @@ async fn two_pages_using_the_same_iq_id_each_get_only_their_own_answer() {
             .is_some(),
         "{r2}"
     );
-    // Neither got the other's answer: a fresh round trip on each comes next.
-    p1.sync().await;
-    p2.sync().await;
+    // Neither got the other's answer: the very next frame on each is a fresh round trip's.
+    strict_sync(&mut p1).await;
+    strict_sync(&mut p2).await;
     d.stop().await;
 }
 
@@ -845,4 +862,608 @@ async fn a_second_pages_roster_request_is_answered_from_the_cache() {
         "answered without asking upstream"
     );
     d.stop().await;
+}
+
+// ---- Rooms, presence, carbons and server requests as a real client would see them (SPEC §6) ----
+
+/// The next stanza at a directly connected account that matches `want`.
+async fn until(s: &mut BoshSession, want: impl Fn(&Element) -> bool) -> Element {
+    loop {
+        let e = support::next_stanza(&mut s.events, LIMIT).await;
+        if want(&e) {
+            return e;
+        }
+    }
+}
+
+/// Sends an iq from a directly connected account and waits for its answer.
+async fn direct_iq(s: &mut BoshSession, iq: Element) -> Element {
+    let id = iq.attr("id").expect("iq id").to_owned();
+    s.handle.send(iq).await.unwrap();
+    until(s, |e| {
+        e.is("iq", ns::CLIENT) && e.attr("id") == Some(id.as_str())
+    })
+    .await
+}
+
+const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+const MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
+
+/// `s` creates `room` as `nick` and configures it with `fields` (XEP-0045 §10.1.3).
+async fn create_room(s: &mut BoshSession, room: &str, nick: &str, fields: &[(&str, &str)]) {
+    s.handle.send(muc_join(room, nick)).await.unwrap();
+    until(s, is_self_presence).await;
+    let mut form = Element::new("x", "jabber:x:data")
+        .with_attr("type", "submit")
+        .with_child(
+            Element::new("field", "jabber:x:data")
+                .with_attr("var", "FORM_TYPE")
+                .with_child(
+                    Element::new("value", "jabber:x:data")
+                        .with_text("http://jabber.org/protocol/muc#roomconfig"),
+                ),
+        );
+    for (var, value) in fields {
+        form.push_child(
+            Element::new("field", "jabber:x:data")
+                .with_attr("var", *var)
+                .with_child(Element::new("value", "jabber:x:data").with_text(*value)),
+        );
+    }
+    let config = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "config")
+        .with_attr("to", room)
+        .with_child(Element::new("query", MUC_OWNER).with_child(form));
+    let answer = direct_iq(s, config).await;
+    assert_eq!(answer.attr("type"), Some("result"), "{answer}");
+}
+
+fn status_codes(e: &Element) -> Vec<String> {
+    e.child("x", ns::MUC_USER)
+        .map(|x| {
+            x.elements()
+                .filter(|s| s.name == "status")
+                .filter_map(|s| s.attr("code").map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn groupchat(room: &str, body: &str) -> Element {
+    chat(room, body).with_attr("type", "groupchat")
+}
+
+async fn a_nick_change_then_a_sibling_leaving_keeps_the_room_under_the_new_nick(p: Prosody) {
+    let d = daemon(&p).await;
+    let room = "g27room@conference.localhost";
+    let mut b = contact(&p, "g27b").await;
+    create_room(&mut b, room, "bee", &[]).await;
+    let h = d.handoff("g27a", "pw-g27a").await;
+    let mut p1 = d.page("g27a", &h.token).await;
+    let mut p2 = d.page("g27a", &h.token).await;
+    p1.send(&muc_join(room, "ay")).await;
+    p1.next_where(is_self_presence).await;
+    p2.send(&muc_join(room, "ay")).await;
+    p2.next_where(is_self_presence).await;
+    let (old, new) = (format!("{room}/ay"), format!("{room}/ay2"));
+    until(&mut b, |e| e.attr("from") == Some(old.as_str())).await;
+
+    // Page 1 renames: the room answers 303 for the old nick, then the new self-presence.
+    p1.send(&presence().with_attr("to", new.clone())).await;
+    let renamed = p1
+        .next_where(|e| e.attr("from") == Some(new.as_str()) && is_self_presence(e))
+        .await;
+    assert_eq!(renamed.attr("type"), None);
+    p2.next_where(|e| e.attr("from") == Some(new.as_str()))
+        .await;
+    // Page 2 leaves, as its client knows the room: it alone sees itself go.
+    p2.send(
+        &presence()
+            .with_attr("to", new.clone())
+            .with_attr("type", "unavailable"),
+    )
+    .await;
+    let gone = p2
+        .next_where(|e| e.attr("from") == Some(new.as_str()))
+        .await;
+    assert_eq!(gone.attr("type"), Some("unavailable"));
+    p2.sync().await;
+    p1.send(&groupchat(room, "still in")).await;
+    // Page 1 is still in the room: its message comes back from the room.
+    let echo = p1
+        .next_where(|e| e.is("message", ns::CLIENT) && e.attr("from") == Some(new.as_str()))
+        .await;
+    assert_eq!(body_text(&echo).as_deref(), Some("still in"), "{echo}");
+    // The occupants saw one rename and no leave.
+    let mut seen = Vec::new();
+    loop {
+        let s = until(&mut b, |e| {
+            e.attr("from") == Some(old.as_str()) || e.attr("from") == Some(new.as_str())
+        })
+        .await;
+        if s.is("message", ns::CLIENT) {
+            assert_eq!(body_text(&s).as_deref(), Some("still in"));
+            break;
+        }
+        seen.push((
+            s.attr("from")
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_owned(),
+            s.attr("type").map(str::to_owned),
+            status_codes(&s),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [
+            (
+                "ay".into(),
+                Some("unavailable".into()),
+                vec!["303".to_owned()]
+            ),
+            ("ay2".into(), None, vec![]),
+        ],
+        "one rename, nothing else"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn nick_change_then_sibling_leaves() {
+    a_nick_change_then_a_sibling_leaving_keeps_the_room_under_the_new_nick(prosody()).await;
+}
+
+async fn a_refused_join_reaches_the_asking_page_and_a_retry_gets_in(p: Prosody) {
+    let d = daemon(&p).await;
+    let room = "g28room@conference.localhost";
+    let mut b = contact(&p, "g28b").await;
+    create_room(
+        &mut b,
+        room,
+        "bee",
+        &[
+            ("muc#roomconfig_passwordprotectedroom", "1"),
+            ("muc#roomconfig_roomsecret", "s3cret"),
+        ],
+    )
+    .await;
+    let h = d.handoff("g28a", "pw-g28a").await;
+    let mut p1 = d.page("g28a", &h.token).await;
+    let mut p2 = d.page("g28a", &h.token).await;
+    let me = format!("{room}/ay");
+    p1.send(&muc_join(room, "ay")).await;
+    let refused = p1.next_where(|e| e.attr("from") == Some(me.as_str())).await;
+    assert_eq!(refused.attr("type"), Some("error"), "{refused}");
+    assert!(
+        refused
+            .child("error", ns::CLIENT)
+            .and_then(|e| e.child("not-authorized", ns::STANZAS))
+            .is_some(),
+        "{refused}"
+    );
+    // The other page did not ask and is not told.
+    strict_sync(&mut p2).await;
+    // Same nick, with the password: goes upstream and gets in.
+    let with_password = presence().with_attr("to", me.clone()).with_child(
+        Element::new("x", ns::MUC)
+            .with_child(Element::new("password", ns::MUC).with_text("s3cret"))
+            .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
+    );
+    p1.send(&with_password).await;
+    let joined = p1.next_where(|e| e.attr("from") == Some(me.as_str())).await;
+    assert!(is_self_presence(&joined), "{joined}");
+    assert_eq!(joined.attr("type"), None);
+    let seen = until(&mut b, |e| e.attr("from") == Some(me.as_str())).await;
+    assert_eq!(seen.attr("type"), None, "the room sees the user join");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn password_room_join_refused_then_retried() {
+    a_refused_join_reaches_the_asking_page_and_a_retry_gets_in(prosody()).await;
+}
+
+async fn the_only_page_in_a_room_reloading_within_grace_is_invisible_to_occupants(p: Prosody) {
+    let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_secs(30)).await;
+    let room = "g29room@conference.localhost";
+    let mut b = contact(&p, "g29b").await;
+    create_room(&mut b, room, "bee", &[]).await;
+    let h = d.handoff("g29a", "pw-g29a").await;
+    let mut page = d.page("g29a", &h.token).await;
+    let me = format!("{room}/ay");
+    page.send(&muc_join(room, "ay")).await;
+    page.next_where(is_self_presence).await;
+    until(&mut b, |e| e.attr("from") == Some(me.as_str())).await;
+
+    page.drop_connection().await; // a reload
+    eventually("the page to be gone", LIMIT, || async {
+        (d.info("g29a@localhost").await["pages"] == 0).then_some(())
+    })
+    .await;
+    let mut back = d.page("g29a", &h.token).await;
+    let sent_before = d.info("g29a@localhost").await["stanzas_out"].clone();
+    back.send(&muc_join(room, "ay")).await;
+    // Answered from the replay: the other occupant, then our own presence.
+    back.next_where(|e| e.attr("from") == Some(format!("{room}/bee").as_str()))
+        .await;
+    back.next_where(is_self_presence).await;
+    assert_eq!(
+        d.info("g29a@localhost").await["stanzas_out"],
+        sent_before,
+        "the join did not go upstream"
+    );
+    back.send(&groupchat(room, "back")).await;
+    // The occupant saw nothing from us between the join and this message.
+    let next = until(&mut b, |e| e.attr("from") == Some(me.as_str())).await;
+    assert!(next.is("message", ns::CLIENT), "occupants saw {next}");
+    assert_eq!(body_text(&next).as_deref(), Some("back"));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn only_page_in_room_reloads_within_grace() {
+    the_only_page_in_a_room_reloading_within_grace_is_invisible_to_occupants(prosody()).await;
+}
+
+async fn kick_ban_and_destroy_reach_every_page_and_a_later_join_goes_upstream(p: Prosody) {
+    let d = daemon(&p).await;
+    let room = "g30room@conference.localhost";
+    let mut b = contact(&p, "g30b").await;
+    create_room(&mut b, room, "bee", &[]).await;
+    let h = d.handoff("g30a", "pw-g30a").await;
+    let mut p1 = d.page("g30a", &h.token).await;
+    let mut p2 = d.page("g30a", &h.token).await;
+    let me = format!("{room}/ay");
+    let both_join = async |p1: &mut Page, p2: &mut Page, room: &str| {
+        p1.send(&muc_join(room, "ay")).await;
+        p1.next_where(is_self_presence).await;
+        p2.send(&muc_join(room, "ay")).await;
+        p2.next_where(is_self_presence).await;
+    };
+    let admin = |id: &str, to: &str, item: Element| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("id", id)
+            .with_attr("to", to)
+            .with_child(Element::new("query", MUC_ADMIN).with_child(item))
+    };
+    let ended = |e: &Element| is_self_presence(e) && e.attr("type") == Some("unavailable");
+
+    // Kicked (307): every page sees it.
+    both_join(&mut p1, &mut p2, room).await;
+    let kick = Element::new("item", MUC_ADMIN)
+        .with_attr("nick", "ay")
+        .with_attr("role", "none");
+    assert_eq!(
+        direct_iq(&mut b, admin("kick", room, kick))
+            .await
+            .attr("type"),
+        Some("result")
+    );
+    for page in [&mut p1, &mut p2] {
+        let e = page.next_where(ended).await;
+        assert!(status_codes(&e).contains(&"307".to_owned()), "{e}");
+    }
+    // A later join goes upstream: the room sees us come back.
+    p1.send(&muc_join(room, "ay")).await;
+    p1.next_where(|e| is_self_presence(e) && e.attr("type").is_none())
+        .await;
+    until(&mut b, |e| {
+        e.attr("from") == Some(me.as_str()) && e.attr("type").is_none()
+    })
+    .await;
+    p2.send(&muc_join(room, "ay")).await;
+    p2.next_where(is_self_presence).await;
+
+    // Banned (301): every page sees it, and a later join is refused by the room itself.
+    let ban = Element::new("item", MUC_ADMIN)
+        .with_attr("jid", "g30a@localhost")
+        .with_attr("affiliation", "outcast");
+    assert_eq!(
+        direct_iq(&mut b, admin("ban", room, ban))
+            .await
+            .attr("type"),
+        Some("result")
+    );
+    for page in [&mut p1, &mut p2] {
+        let e = page.next_where(ended).await;
+        assert!(status_codes(&e).contains(&"301".to_owned()), "{e}");
+    }
+    p2.send(&muc_join(room, "ay")).await;
+    let refused = p2.next_where(|e| e.attr("from") == Some(me.as_str())).await;
+    assert_eq!(refused.attr("type"), Some("error"), "{refused}");
+
+    // Destroyed: every page sees it; joining again creates a new room upstream (status 201).
+    let room2 = "g30room2@conference.localhost";
+    create_room(&mut b, room2, "bee", &[]).await;
+    both_join(&mut p1, &mut p2, room2).await;
+    let destroy = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "destroy")
+        .with_attr("to", room2)
+        .with_child(
+            Element::new("query", MUC_OWNER).with_child(Element::new("destroy", MUC_OWNER)),
+        );
+    assert_eq!(
+        direct_iq(&mut b, destroy).await.attr("type"),
+        Some("result")
+    );
+    let me2 = format!("{room2}/ay");
+    for page in [&mut p1, &mut p2] {
+        let e = page
+            .next_where(|e| {
+                e.attr("from") == Some(me2.as_str()) && e.attr("type") == Some("unavailable")
+            })
+            .await;
+        assert!(
+            e.child("x", ns::MUC_USER)
+                .and_then(|x| x.child("destroy", ns::MUC_USER))
+                .is_some(),
+            "{e}"
+        );
+    }
+    p1.send(&muc_join(room2, "ay")).await;
+    let created = p1
+        .next_where(|e| e.attr("from") == Some(me2.as_str()))
+        .await;
+    assert!(
+        status_codes(&created).contains(&"201".to_owned()),
+        "a fresh room: {created}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn kick_ban_destroy_end_the_room_for_every_page() {
+    kick_ban_and_destroy_reach_every_page_and_a_later_join_goes_upstream(prosody()).await;
+}
+
+async fn two_pages_unavailable_and_still_open_show_the_user_offline(p: Prosody) {
+    let d = daemon(&p).await;
+    let h = d.handoff("g31a", "pw-g31a").await;
+    let mut p1 = d.page("g31a", &h.token).await;
+    let mut p2 = d.page("g31a", &h.token).await;
+    p1.send(&presence()).await;
+    p2.send(&presence()).await;
+    let mut b = contact(&p, "g31b").await;
+    let me = "g31a@localhost/boshmux";
+    let online = until(&mut b, |e| {
+        e.is("presence", ns::CLIENT) && e.attr("from") == Some(me)
+    })
+    .await;
+    assert_eq!(online.attr("type"), None);
+    p1.send(&presence().with_attr("type", "unavailable")).await;
+    p1.sync().await;
+    p2.send(&presence().with_attr("type", "unavailable")).await;
+    p2.sync().await;
+    p2.send(&chat("g31b@localhost", "marker")).await;
+    // The contact sees the user go offline before the marker, though both pages stay open.
+    let next = until(&mut b, |e| e.attr("from") == Some(me)).await;
+    assert!(next.is("presence", ns::CLIENT), "contact saw {next} first");
+    assert_eq!(next.attr("type"), Some("unavailable"));
+    assert_eq!(d.info("g31a@localhost").await["pages"], 2);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn two_pages_unavailable_stay_open() {
+    two_pages_unavailable_and_still_open_show_the_user_offline(prosody()).await;
+}
+
+async fn a_subscription_request_is_replayed_to_a_reloaded_page_until_answered(p: Prosody) {
+    let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_secs(30)).await;
+    let h = d.handoff("g32a", "pw-g32a").await;
+    let mut page = d.page("g32a", &h.token).await;
+    page.send(&presence()).await;
+    page.sync().await;
+    // Someone not in the roster asks to subscribe.
+    let bob = contact(&p, "g31d").await;
+    bob.handle
+        .send(
+            presence()
+                .with_attr("to", "g32a@localhost")
+                .with_attr("type", "subscribe"),
+        )
+        .await
+        .unwrap();
+    let asks = |e: &Element| {
+        e.is("presence", ns::CLIENT)
+            && e.attr("type") == Some("subscribe")
+            && e.attr("from") == Some("g31d@localhost")
+    };
+    page.next_where(asks).await;
+    let gone = async |page: Page| {
+        page.drop_connection().await;
+        eventually("the page to be gone", LIMIT, || async {
+            (d.info("g32a@localhost").await["pages"] == 0).then_some(())
+        })
+        .await;
+    };
+    gone(page).await;
+    let mut back = d.page("g32a", &h.token).await;
+    back.send(&presence()).await;
+    back.next_where(asks).await;
+    // Answered from the reloaded page: the next reload is not asked again.
+    back.send(
+        &presence()
+            .with_attr("to", "g31d@localhost")
+            .with_attr("type", "subscribed"),
+    )
+    .await;
+    back.sync().await;
+    gone(back).await;
+    let mut again = d.page("g32a", &h.token).await;
+    again.send(&presence()).await;
+    again.sync().await;
+    assert!(
+        !again
+            .seen_frames()
+            .iter()
+            .any(|f| f.contains("type=\"subscribe\"")),
+        "{:?}",
+        again.seen_frames()
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn subscribe_request_replayed_after_reload() {
+    a_subscription_request_is_replayed_to_a_reloaded_page_until_answered(prosody()).await;
+}
+
+async fn carbons_are_made_as_the_server_makes_them_between_real_resources(p: Prosody) {
+    let d = daemon(&p).await;
+    let h = d.handoff("g28c", "pw-g28c").await;
+    let mut p1 = d.page("g28c", &h.token).await;
+    let mut p2 = d.page("g28c", &h.token).await;
+    p1.send(&presence()).await;
+    // A real second resource of the same account, with carbons enabled: what Prosody copies to
+    // it is what the other pages must see.
+    let mut real = p.contact("g28c", "real").await;
+    let enable = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "carbons")
+        .with_child(Element::new("enable", ns::CARBONS));
+    assert_eq!(
+        direct_iq(&mut real, enable).await.attr("type"),
+        Some("result")
+    );
+    let to = "g28d@localhost";
+    let normal = |body: Option<&str>| {
+        let m = Element::new("message", ns::CLIENT).with_attr("to", to);
+        match body {
+            Some(b) => m.with_child(Element::new("body", ns::CLIENT).with_text(b)),
+            None => m.with_child(Element::new("x", "jabber:x:oob")),
+        }
+    };
+    let messages = [
+        chat(to, "chat"),
+        chat(to, "private").with_child(Element::new("private", ns::CARBONS)),
+        chat(to, "no-copy").with_child(Element::new("no-copy", "urn:xmpp:hints")),
+        chat(to, "headline").with_attr("type", "headline"),
+        normal(Some("normal")),
+        normal(None).with_attr("id", "no-body"),
+        chat(to, "end"),
+    ];
+    for m in &messages {
+        p1.send(m).await;
+    }
+    let sent = |e: &Element| -> Option<String> {
+        let inner = e
+            .child("sent", ns::CARBONS)?
+            .child("forwarded", ns::FORWARD)?
+            .child("message", ns::CLIENT)?;
+        Some(
+            body_text(inner)
+                .or_else(|| inner.attr("id").map(str::to_owned))
+                .unwrap_or_default(),
+        )
+    };
+    let mut at_page = Vec::new();
+    while at_page.last().map(String::as_str) != Some("end") {
+        let m = p2.next_where(|e| e.is("message", ns::CLIENT)).await;
+        at_page.push(sent(&m).unwrap_or_else(|| panic!("not a carbon: {m}")));
+    }
+    let mut at_real = Vec::new();
+    while at_real.last().map(String::as_str) != Some("end") {
+        let m = until(&mut real, |e| {
+            e.is("message", ns::CLIENT) && sent(e).is_some()
+        })
+        .await;
+        at_real.push(sent(&m).unwrap());
+    }
+    assert_eq!(
+        at_page, at_real,
+        "the other pages see what a real resource sees"
+    );
+    assert_eq!(at_page, ["chat", "normal", "end"]);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn carbons_only_for_eligible_messages() {
+    carbons_are_made_as_the_server_makes_them_between_real_resources(prosody()).await;
+}
+
+async fn a_server_request_takes_the_first_result_and_an_error_waits_for_the_other_pages(
+    p: Prosody,
+) {
+    let d = daemon(&p).await;
+    let h = d.handoff("g30c", "pw-g30c").await;
+    let mut p1 = d.page("g30c", &h.token).await;
+    let mut p2 = d.page("g30c", &h.token).await;
+    let mut b = contact(&p, "g30d").await;
+    let answer = |ty: &str, id: &str, name: &str| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", ty)
+            .with_attr("id", id)
+            .with_attr("to", "g30d@localhost/other")
+            .with_attr("name", name)
+    };
+    let refuse = |id: &str, name: &str| {
+        answer("error", id, name).with_child(
+            Element::new("error", ns::CLIENT)
+                .with_attr("type", "cancel")
+                .with_child(Element::new("service-unavailable", ns::STANZAS)),
+        )
+    };
+    // Page 1 does not know the request and refuses; page 2 answers: the answer wins.
+    b.handle
+        .send(version_query("v1", "g30c@localhost/boshmux"))
+        .await
+        .unwrap();
+    for page in [&mut p1, &mut p2] {
+        page.next_where(|e| e.is("iq", ns::CLIENT) && e.attr("id") == Some("v1"))
+            .await;
+    }
+    p1.send(&refuse("v1", "one")).await;
+    p1.sync().await;
+    p2.send(&answer("result", "v1", "two")).await;
+    let got = until(&mut b, |e| {
+        e.is("iq", ns::CLIENT) && e.attr("id") == Some("v1")
+    })
+    .await;
+    assert_eq!(got.attr("type"), Some("result"), "{got}");
+
+    // Both refuse: the first error is held until the second page answered, and goes once.
+    b.handle
+        .send(version_query("v2", "g30c@localhost/boshmux"))
+        .await
+        .unwrap();
+    for page in [&mut p1, &mut p2] {
+        page.next_where(|e| e.is("iq", ns::CLIENT) && e.attr("id") == Some("v2"))
+            .await;
+    }
+    let answers_before = async |b: &mut BoshSession, page: &mut Page, marker: &str| {
+        page.send(&chat("g30d@localhost", marker)).await;
+        let mut answers = Vec::new();
+        loop {
+            let s = support::next_stanza(&mut b.events, LIMIT).await;
+            if s.is("iq", ns::CLIENT) && s.attr("id") == Some("v2") {
+                answers.push(s.attr("name").unwrap_or_default().to_owned());
+            }
+            if body_text(&s).as_deref() == Some(marker) {
+                return answers;
+            }
+        }
+    };
+    p2.send(&refuse("v2", "two")).await;
+    p2.sync().await;
+    assert!(
+        answers_before(&mut b, &mut p2, "marker 1").await.is_empty(),
+        "the error waits for the other page"
+    );
+    p1.send(&refuse("v2", "one")).await;
+    p1.sync().await;
+    assert_eq!(answers_before(&mut b, &mut p1, "marker 2").await, ["two"]);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn server_iq_first_result_wins_error_waits() {
+    a_server_request_takes_the_first_result_and_an_error_waits_for_the_other_pages(prosody()).await;
 }

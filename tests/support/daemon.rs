@@ -419,6 +419,15 @@ impl Page {
     }
 
     /// Closes the TCP connection without any goodbye.
+    /// Stops being a WebSocket client: from now on nothing is written (not even the automatic
+    /// pong), and [`read_close_code`] reads what the daemon sends as raw bytes.
+    pub fn into_tcp(self) -> TcpStream {
+        match self.ws.into_inner() {
+            MaybeTlsStream::Plain(tcp) => tcp,
+            _ => panic!("test pages use plain TCP"),
+        }
+    }
+
     pub async fn drop_connection(self) {
         drop(self.ws);
     }
@@ -427,4 +436,46 @@ impl Page {
 /// The close code as a number.
 pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
+}
+
+/// Reads server frames (unmasked, RFC 6455 §5.2) from a page's raw socket, writing nothing, until
+/// a close frame: its status code. `None` when the socket ends without one.
+pub async fn read_close_code(tcp: &mut TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    loop {
+        let mut at = 0;
+        while buf.len() >= at + 2 {
+            let opcode = buf[at] & 0x0f;
+            let (len, head) = match buf[at + 1] & 0x7f {
+                126 if buf.len() >= at + 4 => (
+                    usize::from(u16::from_be_bytes([buf[at + 2], buf[at + 3]])),
+                    4,
+                ),
+                127 if buf.len() >= at + 10 => {
+                    let n = u64::from_be_bytes(buf[at + 2..at + 10].try_into().unwrap());
+                    (usize::try_from(n).unwrap(), 10)
+                }
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if buf.len() < at + head + len {
+                break;
+            }
+            if opcode == 0x8 {
+                let payload = &buf[at + head..at + head + len];
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+            at += head + len;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(LIMIT, tcp.read(&mut chunk))
+            .await
+            .expect("timed out waiting for the close frame")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
