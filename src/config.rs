@@ -642,6 +642,54 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_and_trusted_proxies() {
+        let file = write_file(
+            "trusted_proxies = [\"127.0.0.1\", \"::1\"]\n[limits]\nheader_read_timeout = \"2s\"\n\
+             http_idle_timeout = 5\nconnections_per_address = 10\nupgrade_rate_per_client = 3\n",
+        );
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        let cfg = Config::load(&flags, env(&[])).unwrap();
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        assert_eq!(cfg.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.limits.http_idle_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.limits.connections_per_address, 10);
+        assert_eq!(cfg.limits.upgrade_rate_per_client, 3);
+        let cfg = Config::load(
+            &flags,
+            env(&[("BOSHMUX_TRUSTED_PROXIES", "10.0.0.1, 10.0.0.2")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.trusted_proxies,
+            [
+                "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ]
+        );
+        let err = Config::load(
+            &Flags::default(),
+            env(&[("BOSHMUX_TRUSTED_PROXIES", "10.0.0.0/8")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "BOSHMUX_TRUSTED_PROXIES: invalid value for `trusted_proxies`: \"10.0.0.0/8\" is not an IP address"
+        );
+        let err = Config::load(
+            &Flags::default(),
+            env(&[("BOSHMUX_LIMITS_HEADER_READ_TIMEOUT", "0s")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "BOSHMUX_LIMITS_HEADER_READ_TIMEOUT: invalid value for `limits.header_read_timeout`: must be longer than zero"
+        );
+    }
+
+    #[test]
     fn the_example_config_file_loads() {
         let flags = Flags {
             config: Some(
@@ -653,6 +701,8 @@ mod tests {
         assert_eq!(cfg.xmpp_domain.as_deref(), Some("example.com"));
         assert_eq!(cfg.limits.iq_timeout, Duration::from_secs(30));
         assert_eq!(cfg.token_ttl, Duration::from_secs(24 * 3600));
+        // The example documents the defaults.
+        assert_eq!(cfg.limits, Limits::default());
         cfg.require_for_serve().unwrap();
     }
 
