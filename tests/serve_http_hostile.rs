@@ -285,8 +285,9 @@ async fn an_idle_keep_alive_connection_and_one_that_does_not_read_are_closed() {
 #[tokio::test]
 async fn an_upgrade_flood_from_one_client_leaves_upgrades_for_the_others() {
     let f = fake().await;
-    // Default rates: 200/s for the daemon, 20/s per client.
-    let d = Arc::new(daemon(&f, |_| {}).await);
+    // 20/s per client (the default) under a daemon-wide 50/s, which 40 loops exceed on any
+    // machine: with one shared bucket the flood alone would empty it.
+    let d = Arc::new(daemon(&f, |c| c.limits.upgrade_rate = 50).await);
     let h1 = d.handoff("u1", "p1").await;
     let h2 = d.handoff("u2", "p2").await;
     let running = Arc::new(AtomicBool::new(true));
@@ -427,4 +428,32 @@ async fn the_status_page_is_never_cached_or_framed() {
         assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     }
     d.stop().await;
+}
+
+#[tokio::test]
+async fn a_login_over_time_is_504() {
+    // An upstream that accepts connections and never answers: the login runs into its limit.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/http-bind", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let d = Daemon::start(&url, "example.test", |_| {}).await;
+    let (status, body) = d
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": "u0@example.test", "password": "p0"})),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("timed out"),
+        "{body}"
+    );
+    d.stop().await;
+    holder.abort();
 }
