@@ -31,6 +31,7 @@ async fn daemon(fake: &FakeCm, tune: impl FnOnce(&mut Config)) -> Daemon {
 
 /// An HTTP client whose connections come from `from`; redirects are not followed.
 fn http_from(from: IpAddr) -> reqwest::Client {
+    boshmux::bosh::transport::install_crypto_provider();
     reqwest::Client::builder()
         .local_address(from)
         .redirect(reqwest::redirect::Policy::none())
@@ -456,4 +457,71 @@ async fn a_login_over_time_is_504() {
     );
     d.stop().await;
     holder.abort();
+}
+
+#[tokio::test]
+async fn silent_connections_cannot_use_up_the_file_descriptors_of_the_daemon() {
+    // The daemon as its own process with 128 descriptors, and 300 silent connections from one
+    // address: without the per-address cap it could accept nothing more.
+    let f = fake().await;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut child = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -n 128 && exec \"$0\" serve")
+        .arg(env!("CARGO_BIN_EXE_boshmux"))
+        .env("BOSHMUX_LISTEN", addr.to_string())
+        .env("BOSHMUX_BOSH_URL", f.url())
+        .env("BOSHMUX_XMPP_DOMAIN", "example.test")
+        .env("BOSHMUX_API_KEY", API_KEY)
+        .env("BOSHMUX_LIMITS_CONNECTIONS_PER_ADDRESS", "32")
+        .env("BOSHMUX_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    tokio::time::timeout(LIMIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("serving") {
+                return;
+            }
+        }
+        panic!("the daemon exited before serving");
+    })
+    .await
+    .expect("the daemon serves");
+    // Keep reading its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // A daemon that cannot accept leaves connections in the kernel's backlog until it is full;
+    // those beyond it never complete, which is no concern of this test.
+    let silent = futures_util::future::join_all(
+        (0..300).map(|_| tokio::time::timeout(Duration::from_secs(3), tcp_from(FLOODER, addr))),
+    )
+    .await;
+    assert!(silent.iter().filter(|c| c.is_ok()).count() >= 128);
+    let http = http_from(NEIGHBOUR);
+    let health = tokio::time::timeout(LIMIT, http.get(format!("http://{addr}/healthz")).send())
+        .await
+        .expect("/healthz answers")
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let handoff = tokio::time::timeout(
+        LIMIT,
+        http.post(format!("http://{addr}/api/v1/sessions"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(serde_json::json!({"jid": "u0@example.test", "password": "p0"}).to_string())
+            .send(),
+    )
+    .await
+    .expect("the API answers")
+    .unwrap();
+    assert_eq!(handoff.status(), 201);
+    drop(silent);
+    child.kill().await.unwrap();
 }
