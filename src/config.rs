@@ -57,7 +57,8 @@ pub struct Limits {
     /// WebSocket upgrades accepted per second, all clients together (an overload guard).
     pub upgrade_rate: u32,
     /// WebSocket upgrades accepted per second from one client (an address, or a user known by
-    /// its cookie); the burst is the same number.
+    /// its cookie); the burst is the same number, so the default exceeds `pages_per_user` (a
+    /// browser restoring every tab at once).
     pub upgrade_rate_per_client: u32,
     /// Longest time a client may take to send a request's headers, counted from the connection's
     /// start or the end of the previous response (so it is also the keep-alive idle time).
@@ -105,7 +106,7 @@ impl Default for Limits {
             ws_dead_peer_timeout: Duration::from_secs(75),
             handshake_timeout: Duration::from_secs(10),
             upgrade_rate: 200,
-            upgrade_rate_per_client: 20,
+            upgrade_rate_per_client: 40,
             header_read_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(30),
             connections_per_address: 256,
