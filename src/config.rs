@@ -30,6 +30,9 @@ pub struct Config {
     pub token_ttl: Duration,
     /// Limits of SPEC §9.
     pub limits: Limits,
+    /// Peers (reverse proxies) whose `X-Forwarded-For` names the client, and which are exempt
+    /// from `limits.connections_per_address` (they bound their own clients).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -83,8 +86,21 @@ pub struct Limits {
     pub ws_dead_peer_timeout: Duration,
     /// Time allowed from upgrade to bound resource.
     pub handshake_timeout: Duration,
-    /// WebSocket upgrades accepted per second.
+    /// WebSocket upgrades accepted per second, all clients together (an overload guard).
     pub upgrade_rate: u32,
+    /// WebSocket upgrades accepted per second from one client (an address, or a user known by
+    /// its cookie); the burst is the same number, so the default exceeds `pages_per_user` (a
+    /// browser restoring every tab at once).
+    pub upgrade_rate_per_client: u32,
+    /// Longest time a client may take to send a request's headers, counted from the connection's
+    /// start or the end of the previous response (so it is also the keep-alive idle time).
+    pub header_read_timeout: Duration,
+    /// A connection that has not upgraded is closed after this long with no bytes moving either
+    /// way while no request is being handled (e.g. a client that does not read its response).
+    pub http_idle_timeout: Duration,
+    /// Connections not yet upgraded to WebSocket that one client address (IPv6: its /64) may
+    /// hold; more are closed at once. Trusted proxies are exempt.
+    pub connections_per_address: usize,
     /// Stanzas buffered for a user while no page is attached.
     pub offline_buffer: usize,
     /// How long an iq waits for its reply before the asker gets an error.
@@ -105,6 +121,7 @@ impl Default for Config {
             resource: "boshmux".into(),
             token_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -121,6 +138,10 @@ impl Default for Limits {
             ws_dead_peer_timeout: Duration::from_secs(75),
             handshake_timeout: Duration::from_secs(10),
             upgrade_rate: 200,
+            upgrade_rate_per_client: 40,
+            header_read_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(30),
+            connections_per_address: 256,
             offline_buffer: 1000,
             iq_timeout: Duration::from_secs(30),
         }
@@ -337,10 +358,10 @@ impl Config {
                 Some(rest) => format!("limits.{rest}"),
                 None => key,
             };
-            if key == "allowed_origins" {
-                cfg.allowed_origins.clear();
-                for origin in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    cfg.set(&var, "allowed_origins", origin)?;
+            if key == "allowed_origins" || key == "trusted_proxies" {
+                cfg.clear_list(&key);
+                for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    cfg.set(&var, &key, item)?;
                 }
             } else {
                 match cfg.set(&var, &key, &value) {
@@ -421,11 +442,11 @@ impl Config {
                     let s = scalar(&source_name, &full, v)?;
                     self.set(&source_name, &full, &s)?;
                 }
-            } else if key == "allowed_origins" {
+            } else if key == "allowed_origins" || key == "trusted_proxies" {
                 let toml::Value::Array(items) = value else {
                     return Err(invalid(&source_name, &key, "expected an array of strings"));
                 };
-                self.allowed_origins.clear();
+                self.clear_list(&key);
                 for item in items {
                     let s = scalar(&source_name, &key, item)?;
                     self.set(&source_name, &key, &s)?;
@@ -438,7 +459,15 @@ impl Config {
         Ok(())
     }
 
-    /// Sets one key from its textual value; `allowed_origins` appends.
+    /// Empties a list-valued key before a source gives its whole list.
+    fn clear_list(&mut self, key: &str) {
+        match key {
+            "trusted_proxies" => self.trusted_proxies.clear(),
+            _ => self.allowed_origins.clear(),
+        }
+    }
+
+    /// Sets one key from its textual value; `allowed_origins` and `trusted_proxies` append.
     fn set(&mut self, source_name: &str, key: &str, value: &str) -> Result<(), ConfigError> {
         let bad = |message: String| invalid(source_name, key, &message);
         let l = &mut self.limits;
@@ -471,6 +500,11 @@ impl Config {
             "allowed_origins" => {
                 self.allowed_origins.push(parse_origin(value).map_err(bad)?);
             }
+            "trusted_proxies" => self.trusted_proxies.push(
+                value
+                    .parse()
+                    .map_err(|_| bad(format!("{value:?} is not an IP address")))?,
+            ),
             "grace" => self.grace = duration(value).map_err(bad)?,
             "state_file" => self.state_file = Some(PathBuf::from(value)),
             "token_ttl" => self.token_ttl = duration(value).map_err(bad)?,
@@ -498,6 +532,18 @@ impl Config {
             }
             "limits.handshake_timeout" => l.handshake_timeout = duration(value).map_err(bad)?,
             "limits.upgrade_rate" => l.upgrade_rate = number(value, 1, 1_000_000).map_err(bad)?,
+            "limits.upgrade_rate_per_client" => {
+                l.upgrade_rate_per_client = number(value, 1, 1_000_000).map_err(bad)?;
+            }
+            "limits.header_read_timeout" => {
+                l.header_read_timeout = positive(duration(value).map_err(bad)?).map_err(bad)?;
+            }
+            "limits.http_idle_timeout" => {
+                l.http_idle_timeout = positive(duration(value).map_err(bad)?).map_err(bad)?;
+            }
+            "limits.connections_per_address" => {
+                l.connections_per_address = number(value, 1, 1_000_000).map_err(bad)?;
+            }
             "limits.offline_buffer" => {
                 l.offline_buffer = number(value, 0, 1_000_000).map_err(bad)?
             }
@@ -534,6 +580,14 @@ fn scalar(source_name: &str, key: &str, v: toml::Value) -> Result<String, Config
             &format!("expected a string or number, found {}", other.type_str()),
         )),
     }
+}
+
+/// A timeout of zero would close every connection at once.
+fn positive(d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
 }
 
 fn number<T>(value: &str, min: T, max: T) -> Result<T, String>
@@ -806,6 +860,54 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_and_trusted_proxies() {
+        let file = write_file(
+            "trusted_proxies = [\"127.0.0.1\", \"::1\"]\n[limits]\nheader_read_timeout = \"2s\"\n\
+             http_idle_timeout = 5\nconnections_per_address = 10\nupgrade_rate_per_client = 3\n",
+        );
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        let cfg = Config::load(&flags, env(&[])).unwrap();
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        assert_eq!(cfg.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.limits.http_idle_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.limits.connections_per_address, 10);
+        assert_eq!(cfg.limits.upgrade_rate_per_client, 3);
+        let cfg = Config::load(
+            &flags,
+            env(&[("BOSHMUX_TRUSTED_PROXIES", "10.0.0.1, 10.0.0.2")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.trusted_proxies,
+            [
+                "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ]
+        );
+        let err = Config::load(
+            &Flags::default(),
+            env(&[("BOSHMUX_TRUSTED_PROXIES", "10.0.0.0/8")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "BOSHMUX_TRUSTED_PROXIES: invalid value for `trusted_proxies`: \"10.0.0.0/8\" is not an IP address"
+        );
+        let err = Config::load(
+            &Flags::default(),
+            env(&[("BOSHMUX_LIMITS_HEADER_READ_TIMEOUT", "0s")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "BOSHMUX_LIMITS_HEADER_READ_TIMEOUT: invalid value for `limits.header_read_timeout`: must be longer than zero"
+        );
+    }
+
+    #[test]
     fn the_example_config_file_loads() {
         let flags = Flags {
             config: Some(
@@ -817,6 +919,8 @@ mod tests {
         assert_eq!(cfg.xmpp_domain.as_deref(), Some("example.com"));
         assert_eq!(cfg.limits.iq_timeout, Duration::from_secs(30));
         assert_eq!(cfg.token_ttl, Duration::from_secs(24 * 3600));
+        // The example documents the defaults.
+        assert_eq!(cfg.limits, Limits::default());
         cfg.require_for_serve().unwrap();
     }
 

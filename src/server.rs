@@ -88,21 +88,20 @@ pub async fn run_app(
         }
     }
     let st = state.clone();
-    // Small frames go out at once: without this, Nagle holds the second frame of a reply (e.g.
-    // `<open/>` then features) for the peer's delayed ACK, ~40 ms per handshake step.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let limits = state.config.limits.clone();
+    http::listen::serve(
+        listener,
+        app,
+        &limits,
+        &state.config.trusted_proxies,
+        async move {
             stop.await;
             st.stopping.cancel();
             stop_sessions(&st).await;
             st.shutdown.cancel();
-        })
-        .await?;
+        },
+    )
+    .await;
     state.pages.close();
     if tokio::time::timeout(STOP_LIMIT, state.pages.wait())
         .await

@@ -131,6 +131,9 @@ pub async fn start_with(listener: TcpListener, accounts: usize) -> Result<Demo, 
                 pages_per_user: 4096,
                 page_send_rate: 1_000_000,
                 upgrade_rate: 1_000_000,
+                // Every simulated page comes from the load generator's one address.
+                upgrade_rate_per_client: 1_000_000,
+                connections_per_address: 1_000_000,
                 ..crate::config::Limits::default()
             }
         },

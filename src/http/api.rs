@@ -2,7 +2,7 @@
 //! `GET /handoff`, where a browser redeems a one-time ticket for its cookie.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,11 +17,15 @@ use crate::bosh::Credentials;
 use crate::session::{Readiness, RegistryError, SessionInfo};
 use crate::xmpp::Jid;
 
+/// Largest API request body, bytes: a hand-off is a JID and a password or a sid.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
 /// The API routes, behind the api key.
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/api/v1/sessions", get(list).post(create))
         .route("/api/v1/sessions/{jid}", get(show).delete(logout))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state, require_api_key))
 }
 
@@ -98,7 +102,7 @@ async fn create(
     State(st): State<AppState>,
     body: Result<Json<CreateRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreateResponse>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(req) = body.map_err(ApiError::from)?;
     let jid = Jid::parse(&req.jid).map_err(|e| ApiError::BadRequest(format!("jid: {e}")))?;
     let domain = st.config.xmpp_domain.as_deref().unwrap_or_default();
     if jid.domain() != domain || jid.local().is_none() {
@@ -177,7 +181,11 @@ pub(crate) async fn hand_off(
         Ok(Readiness::Failed {
             message,
             auth: true,
+            ..
         }) => Err(ApiError::LoginRefused(message)),
+        Ok(Readiness::Failed {
+            timed_out: true, ..
+        }) => Err(ApiError::Timeout),
         Ok(Readiness::Failed { message, .. }) => Err(ApiError::Upstream(message)),
         Ok(Readiness::Connecting) | Err(_) => Err(ApiError::Timeout),
     }
@@ -234,12 +242,13 @@ pub async fn handoff(
     query: Result<Query<HandoffQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let next = q.next.unwrap_or_else(|| "/".into());
-    if !safe_next(&next, &st.config.allowed_origins) {
-        return Err(ApiError::BadRequest(
-            "next must be a relative path or on an allowed origin".into(),
-        ));
-    }
+    // Checked before the ticket is redeemed: a refused `next` leaves the ticket usable.
+    let location = redirect_target(q.next.as_deref().unwrap_or("/"), &st.config.allowed_origins)
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "next must be a path on this site or a URL on an allowed origin".into(),
+            )
+        })?;
     let bare = st
         .registry
         .redeem_ticket(&q.ticket)
@@ -257,27 +266,54 @@ pub async fn handoff(
     h.insert(header::SET_COOKIE, token_cookie(&token, https));
     h.insert(
         header::LOCATION,
-        HeaderValue::from_str(&next).map_err(|_| ApiError::BadRequest("bad next".into()))?,
+        HeaderValue::from_str(&location).expect("a serialized URL is visible ASCII"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }
 
-/// A redirect target that cannot send the browser elsewhere: a path on this site (not `//host`),
-/// or a URL on an allowed origin.
-fn safe_next(next: &str, allowed: &[String]) -> bool {
-    if next.starts_with('/') {
-        return !next.starts_with("//") && !next.starts_with("/\\") && !next.contains(['\r', '\n']);
+/// Where `/handoff` may send the browser (SPEC §3): the `Location` for `next`, or `None` when
+/// `next` could lead off the site. `next` is read by the WHATWG URL parser, as a browser reads
+/// it, and accepted as a path on this site (resolved against it, so it cannot name another
+/// host) or as an http(s) URL without userinfo whose origin is one of `allowed` (serialized
+/// origins). The answer is the parser's serialization (ASCII, percent-encoded), never the bytes
+/// given.
+///
+/// Refused before parsing: control characters, whitespace and backslashes, which a browser
+/// silently drops or reads as `/` (`/<TAB>/evil` and `/\evil` are `//evil` to it).
+pub(crate) fn redirect_target(next: &str, allowed: &[String]) -> Option<String> {
+    if next.is_empty()
+        || next
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
+    {
+        return None;
     }
-    reqwest::Url::parse(next).is_ok_and(|u| {
-        let origin = u.origin().ascii_serialization();
-        allowed.contains(&origin)
-    })
+    if next.starts_with('/') {
+        // A scheme-relative `//host` names another host.
+        if next.starts_with("//") {
+            return None;
+        }
+        let site = url::Url::parse("http://site.invalid/").expect("a valid base");
+        let url = site.join(next).ok()?;
+        let location = &url[url::Position::BeforePath..];
+        // Dot segments can collapse into `//` (`/.//evil` is the path `//evil`): the
+        // serialization must still read as a path.
+        if url.origin() != site.origin() || location.starts_with("//") {
+            return None;
+        }
+        return Some(location.to_owned());
+    }
+    let url = url::Url::parse(next).ok()?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.username().is_empty()
+        && url.password().is_none();
+    (plain && allowed.contains(&url.origin().ascii_serialization())).then(|| url.to_string())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{CreateRequest, CreateResponse, HandoffQuery, safe_next};
+    use super::{CreateRequest, CreateResponse, HandoffQuery, redirect_target};
 
     #[test]
     fn debug_hides_passwords_sids_tokens_and_tickets() {
@@ -304,13 +340,81 @@ mod tests {
 
     #[test]
     fn next_must_stay_on_site_or_an_allowed_origin() {
-        let allowed = vec!["https://app.example".to_owned()];
-        assert!(safe_next("/chat?x=1", &allowed));
-        assert!(safe_next("https://app.example/chat", &allowed));
-        assert!(!safe_next("//evil.example/", &allowed));
-        assert!(!safe_next("/\\evil.example", &allowed));
-        assert!(!safe_next("https://evil.example/", &allowed));
-        assert!(!safe_next("javascript:alert(1)", &allowed));
-        assert!(!safe_next("chat", &allowed));
+        let allowed = vec!["https://app.example.com".to_owned()];
+        let accepted = [
+            ("/", "/"),
+            ("/chat?x=1#top", "/chat?x=1#top"),
+            ("/a/../chat", "/chat"),
+            ("/%2F%2Fevil.com", "/%2F%2Fevil.com"),
+            ("/%09/evil.com", "/%09/evil.com"),
+            ("/ch\u{e4}t", "/ch%C3%A4t"),
+            (
+                "https://app.example.com/chat",
+                "https://app.example.com/chat",
+            ),
+            ("https://app.example.com", "https://app.example.com/"),
+            (
+                "HTTPS://APP.EXAMPLE.COM/chat",
+                "https://app.example.com/chat",
+            ),
+            ("https://app.example.com:443/x", "https://app.example.com/x"),
+        ];
+        for (next, location) in accepted {
+            assert_eq!(
+                redirect_target(next, &allowed).as_deref(),
+                Some(location),
+                "{next:?}"
+            );
+        }
+        let refused = [
+            "",
+            "/\t/evil.com",
+            "/\n/evil.com",
+            "/\r/evil.com",
+            "/\r\n/evil.com",
+            "\t//evil.com",
+            " //evil.com",
+            "/\u{a0}/evil.com",
+            "/\u{3000}/evil.com",
+            "/\u{7f}/evil.com",
+            "/\u{85}/evil.com",
+            "/\\evil.com",
+            "\\\\evil.com",
+            "\\/evil.com",
+            "//evil.com",
+            "///evil.com",
+            "/.//evil.com",
+            "/a/..//evil.com",
+            "/./%2e/.//evil.com",
+            "https://evil.com",
+            "https:evil.com",
+            "https:/evil.com",
+            "HTTPS://evil.com",
+            "http://app.example.com/",
+            "https://app.example.com:8443/",
+            "https://app.example.com.evil.com/",
+            "https://app.example.com@evil.com/",
+            "https://user@app.example.com/",
+            "https://user:pw@app.example.com/",
+            "https://app.example.com%40evil.com/",
+            "https://\u{430}pp.example.com/",
+            "https://app.ex\u{430}mple.com/",
+            "https://xn--pp-6kc.example.com/",
+            "https://app.example.com\u{3002}evil.com/",
+            "javascript:alert(1)",
+            "JAVASCRIPT:alert(1)",
+            "JaVaScRiPt:alert(1)",
+            "data:text/html,<script>alert(1)</script>",
+            "vbscript:msgbox(1)",
+            "file:///etc/passwd",
+            "ws://app.example.com/",
+            "chat",
+            "?next=x",
+            "#x",
+            "evil.com",
+        ];
+        for next in refused {
+            assert_eq!(redirect_target(next, &allowed), None, "{next:?}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! happens; the message sent says what the caller can act on.
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -17,6 +18,15 @@ pub enum ApiError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The request body is over the API's limit.
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit, bytes.
+        limit: usize,
+    },
+    /// The request body is not declared as JSON.
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    NotJson,
     /// No such session.
     #[error("no live session for {0}")]
     NotFound(String),
@@ -46,11 +56,27 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::OriginRefused | ApiError::BadTicket => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooManyUsers | ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::LoginRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// An unreadable JSON body: 413 over the size limit, 415 without a JSON content type, 400
+/// otherwise (syntax, or fields that do not fit).
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
+                limit: super::api::BODY_LIMIT,
+            },
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::NotJson,
+            _ => ApiError::BadRequest(e.body_text()),
         }
     }
 }

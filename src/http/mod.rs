@@ -1,9 +1,12 @@
 //! HTTP serving: the router ([`app`]), the handoff API for the web app's server ([`api`]), the
-//! WebSocket endpoint for pages ([`ws`]), metrics and the status page ([`status`]), and the JSON
-//! error type ([`error`]).
+//! WebSocket endpoint for pages ([`ws`]), metrics and the status page ([`status`]), the JSON
+//! error type ([`error`]), accepting connections ([`listen`]) and per-client limits
+//! ([`client`]).
 
 pub mod api;
+pub mod client;
 pub mod error;
+pub mod listen;
 pub mod status;
 pub mod ws;
 
@@ -12,8 +15,6 @@ use std::sync::atomic::AtomicU64;
 
 use axum::Router;
 use axum::routing::get;
-use parking_lot::Mutex;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,13 +38,16 @@ pub struct Shared {
     /// Every page task, so a stop can wait for them (axum does not track upgraded sockets).
     pub pages: TaskTracker,
     next_page: AtomicU64,
-    upgrades: Mutex<Bucket>,
+    upgrades: client::UpgradeLimiter,
 }
 
 impl AppState {
     /// State for a daemon with `config` and `registry`.
     pub fn new(config: Config, registry: Arc<Registry>) -> AppState {
-        let rate = f64::from(config.limits.upgrade_rate);
+        let upgrades = client::UpgradeLimiter::new(
+            config.limits.upgrade_rate_per_client,
+            config.limits.upgrade_rate,
+        );
         AppState(Arc::new(Shared {
             config,
             registry,
@@ -51,11 +55,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             pages: TaskTracker::new(),
             next_page: AtomicU64::new(1),
-            upgrades: Mutex::new(Bucket {
-                tokens: rate,
-                per_sec: rate,
-                at: Instant::now(),
-            }),
+            upgrades,
         }))
     }
 }
@@ -67,26 +67,10 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// A token bucket for WebSocket upgrades.
-struct Bucket {
-    tokens: f64,
-    per_sec: f64,
-    at: Instant,
-}
-
 impl Shared {
-    /// Takes one upgrade from the bucket.
-    fn allow_upgrade(&self) -> bool {
-        let mut b = self.upgrades.lock();
-        let now = Instant::now();
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * b.per_sec).min(b.per_sec);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Takes one upgrade for `client` (its own bucket, then the daemon's).
+    fn allow_upgrade(&self, client: &client::ClientKey) -> bool {
+        self.upgrades.allow(client)
     }
 
     fn next_page_id(&self) -> u64 {

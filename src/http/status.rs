@@ -29,10 +29,26 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Headers of every answer of the status page: it shows who is online, so no cache keeps it
+/// and no other site may frame it (clickjacking); its only style is inline and it loads nothing.
+const PAGE_HEADERS: [(header::HeaderName, &str); 4] = [
+    (header::CACHE_CONTROL, "no-store"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+];
+
 /// The status page.
 pub async fn status(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    (PAGE_HEADERS, status_page(&st, &headers)).into_response()
+}
+
+fn status_page(st: &AppState, headers: &HeaderMap) -> Response {
     let expected = st.config.api_key.as_deref().unwrap_or_default();
-    if !authorized(&headers, expected) {
+    if !authorized(headers, expected) {
         return (
             StatusCode::UNAUTHORIZED,
             [(

@@ -1,12 +1,16 @@
 //! `GET /ws`: the checks made before a page's upgrade (SPEC §4) — origin allowlist, the `xmpp`
-//! subprotocol, the upgrade rate — and the cookie that lets a browser page use SASL EXTERNAL.
+//! subprotocol, the upgrade rate per client — and the cookie that lets a browser page use SASL
+//! EXTERNAL.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use super::client::{ClientKey, client_addr};
 use crate::page::conn::{self, PageContext};
 use crate::xmpp::{Jid, Limits};
 
@@ -22,6 +26,7 @@ pub const COOKIE: &str = "boshmux_token";
 /// Upgrades a page's connection after the checks.
 pub async fn upgrade(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -46,17 +51,24 @@ pub async fn upgrade(
     if st.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "restarting\n").into_response();
     }
-    if !st.allow_upgrade() {
+    // A cookie is a browser credential: it counts only from an allowed origin.
+    let cookie_user = origin
+        .and_then(|_| cookie_token(&headers))
+        .and_then(|t| st.registry.check_token(t))
+        .map(|j: Jid| j.to_bare());
+    // A user's pages share one bucket wherever they come from (behind a proxy that is not
+    // trusted, every page has the proxy's address); anyone else is known by address only.
+    let client = match &cookie_user {
+        Some(user) => ClientKey::User(user.to_string()),
+        None => ClientKey::of_addr(client_addr(peer.ip(), &headers, &st.config.trusted_proxies)),
+    };
+    if !st.allow_upgrade(&client) {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections, retry shortly\n",
         )
             .into_response();
     }
-    // A cookie is a browser credential: it counts only from an allowed origin.
-    let cookie_user = origin
-        .and_then(|_| cookie_token(&headers))
-        .and_then(|t| st.registry.check_token(t));
     let limits = &st.config.limits;
     let ctx = PageContext {
         registry: st.registry.clone(),
@@ -69,7 +81,7 @@ pub async fn upgrade(
         dead_peer_timeout: limits.ws_dead_peer_timeout,
         handshake_timeout: limits.handshake_timeout,
         send_rate: limits.page_send_rate,
-        cookie_user: cookie_user.map(|j: Jid| j.to_bare()),
+        cookie_user,
         shutdown: st.shutdown.clone(),
         page: st.next_page_id(),
         metrics: st.registry.metrics.clone(),

@@ -124,9 +124,11 @@ impl Actor {
             Err(e) => {
                 tracing::info!(user = %self.bare, error = %e, "login failed");
                 let auth = matches!(e, BoshError::AuthFailed { .. });
+                let timed_out = matches!(e, BoshError::LoginTimeout(_));
                 let _ = self.ready.send(Readiness::Failed {
                     message: e.to_string(),
                     auth,
+                    timed_out,
                 });
                 self.finish();
                 return;
@@ -161,6 +163,7 @@ impl Actor {
             let _ = self.ready.send(Readiness::Failed {
                 message: "saved session is damaged".into(),
                 auth: false,
+                timed_out: false,
             });
             self.finish();
             return;

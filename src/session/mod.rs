@@ -65,12 +65,15 @@ pub enum Readiness {
     Connecting,
     /// Live, bound to this full JID.
     Ready(Jid),
-    /// The login failed; `auth` tells a refused password from other failures.
+    /// The login failed; `auth` and `timed_out` tell a refused password and a login over
+    /// time from other failures.
     Failed {
         /// What went wrong.
         message: String,
         /// The server refused the credentials.
         auth: bool,
+        /// The login did not finish within its time limit.
+        timed_out: bool,
     },
 }
 
@@ -196,6 +199,7 @@ impl SessionHandle {
             Err(_) => Readiness::Failed {
                 message: "session ended".into(),
                 auth: false,
+                timed_out: false,
             },
         }
     }

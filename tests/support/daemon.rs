@@ -189,6 +189,38 @@ impl Page {
         Page::open_url(&d.ws_url(), &d.domain, headers, true).await
     }
 
+    /// Opens the socket from the local address `from` (any 127.0.0.0/8 address is a different
+    /// client on loopback), offering `xmpp`, with extra headers; `Err(status)` when refused.
+    pub async fn open_from(
+        d: &Daemon,
+        from: std::net::IpAddr,
+        headers: &[(&str, &str)],
+    ) -> Result<Page, u16> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let tcp = socket.connect(d.addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut req = d.ws_url().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_static("xmpp"));
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        match tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp)).await {
+            Ok((ws, _)) => Ok(Page {
+                ws,
+                domain: d.domain.clone(),
+                jid: String::new(),
+                seen: Vec::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+
     /// Opens any URL, optionally without offering the subprotocol.
     pub async fn open_url(
         url: &str,
