@@ -50,6 +50,7 @@ impl std::fmt::Debug for Config {
             resource,
             token_ttl,
             limits,
+            trusted_proxies,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -63,6 +64,7 @@ impl std::fmt::Debug for Config {
             .field("resource", resource)
             .field("token_ttl", token_ttl)
             .field("limits", limits)
+            .field("trusted_proxies", trusted_proxies)
             .finish()
     }
 }
@@ -237,6 +239,7 @@ const KEYS: &[&str] = &[
     "token_ttl",
     "bosh_wait",
     "resource",
+    "trusted_proxies",
     "limits.pages_per_user",
     "limits.users",
     "limits.stanza_bytes",
@@ -246,6 +249,10 @@ const KEYS: &[&str] = &[
     "limits.ws_dead_peer_timeout",
     "limits.handshake_timeout",
     "limits.upgrade_rate",
+    "limits.upgrade_rate_per_client",
+    "limits.header_read_timeout",
+    "limits.http_idle_timeout",
+    "limits.connections_per_address",
     "limits.offline_buffer",
     "limits.iq_timeout",
 ];
