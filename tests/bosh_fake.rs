@@ -252,7 +252,7 @@ async fn http_4xx_is_terminal() {
         let (_fake, mut rx, mut session) = attached().await;
         next_request(&mut rx).await.answer(Action::Status(status));
         match ended(&mut session).await {
-            Err(BoshError::HttpStatus(s)) => assert_eq!(s, status),
+            Err(BoshError::HttpStatus(s, _)) => assert_eq!(s, status),
             other => panic!("HTTP {status}: expected HttpStatus, got {other:?}"),
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use boshmux::bosh::BoshSession;
 use boshmux::xmpp::{Element, ns};
 use support::daemon::{Daemon, Page};
-use support::{Prosody, body_text, chat, eventually, next_message, prosody};
+use support::{Prosody, Server, body_text, both, chat, eventually, next_message};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -36,9 +36,8 @@ async fn sees_online(page: &mut Page, from: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn three_pages_bind_the_same_jid_over_one_upstream_session() {
-    let p = prosody();
+both!(three_pages_bind_the_same_jid_over_one_upstream_session);
+async fn three_pages_bind_the_same_jid_over_one_upstream_session(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g08a", "pw-g08a").await;
     assert_eq!(h.status, 201);
@@ -64,9 +63,8 @@ async fn three_pages_bind_the_same_jid_over_one_upstream_session() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_message_from_another_account_reaches_every_page_exactly_once() {
-    let p = prosody();
+both!(a_message_from_another_account_reaches_every_page_exactly_once);
+async fn a_message_from_another_account_reaches_every_page_exactly_once(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g09a", "pw-g09a").await;
     let mut pages = Vec::new();
@@ -93,9 +91,8 @@ async fn a_message_from_another_account_reaches_every_page_exactly_once() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_pages_message_reaches_the_contact_once_and_the_other_pages_as_carbons() {
-    let p = prosody();
+both!(a_pages_message_reaches_the_contact_once_and_the_other_pages_as_carbons);
+async fn a_pages_message_reaches_the_contact_once_and_the_other_pages_as_carbons(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g10a", "pw-g10a").await;
     let mut p1 = d.page("g10a", &h.token).await;
@@ -140,9 +137,8 @@ async fn a_pages_message_reaches_the_contact_once_and_the_other_pages_as_carbons
     d.stop().await;
 }
 
-#[tokio::test]
-async fn two_pages_using_the_same_iq_id_each_get_only_their_own_answer() {
-    let p = prosody();
+both!(two_pages_using_the_same_iq_id_each_get_only_their_own_answer);
+async fn two_pages_using_the_same_iq_id_each_get_only_their_own_answer(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g11a", "pw-g11a").await;
     let mut p1 = d.page("g11a", &h.token).await;
@@ -180,9 +176,8 @@ async fn two_pages_using_the_same_iq_id_each_get_only_their_own_answer() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn unavailable_from_one_page_leaves_the_user_online_for_contacts() {
-    let p = prosody();
+both!(unavailable_from_one_page_leaves_the_user_online_for_contacts);
+async fn unavailable_from_one_page_leaves_the_user_online_for_contacts(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g12a", "pw-g12a").await;
     let mut p1 = d.page("g12a", &h.token).await;
@@ -215,9 +210,8 @@ async fn unavailable_from_one_page_leaves_the_user_online_for_contacts() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_late_page_gets_contacts_presence_replayed() {
-    let p = prosody();
+both!(a_late_page_gets_contacts_presence_replayed);
+async fn a_late_page_gets_contacts_presence_replayed(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g13a", "pw-g13a").await;
     let mut p1 = d.page("g13a", &h.token).await;
@@ -231,9 +225,8 @@ async fn a_late_page_gets_contacts_presence_replayed() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn logout_closes_every_page_with_4001_and_revokes_the_token() {
-    let p = prosody();
+both!(logout_closes_every_page_with_4001_and_revokes_the_token);
+async fn logout_closes_every_page_with_4001_and_revokes_the_token(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g17a", "pw-g17a").await;
     let mut p1 = d.page("g17a", &h.token).await;
@@ -267,9 +260,8 @@ async fn logout_closes_every_page_with_4001_and_revokes_the_token() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn cookies_count_only_from_an_allowed_origin() {
-    let p = prosody();
+both!(cookies_count_only_from_an_allowed_origin);
+async fn cookies_count_only_from_an_allowed_origin(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g18a", "pw-g18a").await;
     let cookie = format!("boshmux_token={}", h.token);
@@ -329,9 +321,8 @@ async fn cookies_count_only_from_an_allowed_origin() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn the_api_refuses_browsers_and_wrong_keys() {
-    let p = prosody();
+both!(the_api_refuses_browsers_and_wrong_keys);
+async fn the_api_refuses_browsers_and_wrong_keys(p: Server) {
     let d = daemon(&p).await;
     let http = reqwest::Client::new();
     let url = d.url("/api/v1/sessions");
@@ -377,9 +368,8 @@ async fn the_api_refuses_browsers_and_wrong_keys() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
-    let p = prosody();
+both!(a_session_killed_by_the_server_is_restored_and_pages_keep_working);
+async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g19a", "pw-g19a").await;
     let mut page = d.page("g19a", &h.token).await;
@@ -407,7 +397,7 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working() {
     page.send(&muc_join(room, "ay")).await;
     page.next_where(in_room).await;
 
-    p.shell("c2s:close('g19a@localhost/boshmux')");
+    p.kill_session("g19a@localhost/boshmux");
     let notice = |state: &'static str| {
         move |e: &Element| {
             e.child("status", ns::BOSHMUX_STATUS)
@@ -483,9 +473,8 @@ fn is_self_presence(e: &Element) -> bool {
         })
 }
 
-#[tokio::test]
-async fn a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page() {
-    let p = prosody();
+both!(a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page);
+async fn a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page(p: Server) {
     let d = daemon(&p).await;
     let room = "g14room@conference.localhost";
     // The contact is in the room first and watches who comes and goes.
@@ -577,9 +566,8 @@ async fn a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page
     d.stop().await;
 }
 
-#[tokio::test]
-async fn after_the_last_page_and_the_grace_period_the_user_goes_offline() {
-    let p = prosody();
+both!(after_the_last_page_and_the_grace_period_the_user_goes_offline);
+async fn after_the_last_page_and_the_grace_period_the_user_goes_offline(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_millis(300)).await;
     let h = d.handoff("g15a", "pw-g15a").await;
     let mut page = d.page("g15a", &h.token).await;
@@ -620,9 +608,10 @@ async fn after_the_last_page_and_the_grace_period_the_user_goes_offline() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_page_back_within_the_grace_period_gets_what_arrived_meanwhile_once_and_in_order() {
-    let p = prosody();
+both!(a_page_back_within_the_grace_period_gets_what_arrived_meanwhile_once_and_in_order);
+async fn a_page_back_within_the_grace_period_gets_what_arrived_meanwhile_once_and_in_order(
+    p: Server,
+) {
     let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_secs(30)).await;
     let h = d.handoff("g16a", "pw-g16a").await;
     let mut page = d.page("g16a", &h.token).await;
@@ -669,9 +658,8 @@ async fn a_page_back_within_the_grace_period_gets_what_arrived_meanwhile_once_an
     d.stop().await;
 }
 
-#[tokio::test]
-async fn attach_hands_an_existing_bosh_session_to_pages_and_its_loss_is_4004() {
-    let p = prosody();
+both!(attach_hands_an_existing_bosh_session_to_pages_and_its_loss_is_4004);
+async fn attach_hands_an_existing_bosh_session_to_pages_and_its_loss_is_4004(p: Server) {
     let d = daemon(&p).await;
     let (jid, pw) = p.user("g21a");
     // The web app logs in itself and hands over sid and rid, as for Strophe's attach().
@@ -709,7 +697,7 @@ async fn attach_hands_an_existing_bosh_session_to_pages_and_its_loss_is_4004() {
     assert_eq!(p.sessions_of(&jid), ["g21a@localhost/webapp"]);
 
     // No password is held, so a lost session cannot be restored: pages are told 4004.
-    p.shell("c2s:close('g21a@localhost/webapp')");
+    p.kill_session("g21a@localhost/webapp");
     assert_eq!(page.closed().await.code, 4004);
     d.stop().await;
 }
@@ -722,9 +710,8 @@ fn version_query(id: &str, to: &str) -> Element {
         .with_child(Element::new("query", "jabber:iq:version"))
 }
 
-#[tokio::test]
-async fn a_request_from_a_contact_goes_to_every_page_and_the_first_answer_wins() {
-    let p = prosody();
+both!(a_request_from_a_contact_goes_to_every_page_and_the_first_answer_wins);
+async fn a_request_from_a_contact_goes_to_every_page_and_the_first_answer_wins(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |c| c.grace = Duration::from_secs(30)).await;
     let h = d.handoff("g24a", "pw-g24a").await;
     let mut p1 = d.page("g24a", &h.token).await;
@@ -807,9 +794,8 @@ async fn a_request_from_a_contact_goes_to_every_page_and_the_first_answer_wins()
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_second_pages_roster_request_is_answered_from_the_cache() {
-    let p = prosody();
+both!(a_second_pages_roster_request_is_answered_from_the_cache);
+async fn a_second_pages_roster_request_is_answered_from_the_cache(p: Server) {
     let d = daemon(&p).await;
     let h = d.handoff("g13c", "pw-g13c").await;
     let mut p1 = d.page("g13c", &h.token).await;

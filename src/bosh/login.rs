@@ -344,7 +344,7 @@ impl Exchange {
                     },
                     Err(e) => TransportError::BadBody(e),
                 },
-                Err(PostError::Status(s)) => return Err(BoshError::HttpStatus(s)),
+                Err(PostError::Status(s, reason)) => return Err(BoshError::HttpStatus(s, reason)),
                 Err(PostError::Transient(e)) => e,
             };
             attempt += 1;
