@@ -128,11 +128,11 @@ async fn a_session_lost_upstream_while_down_is_dropped_cleanly(p: Server) {
     second.stop().await;
 }
 
+both!(a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page);
 /// A page's message still in the request the server holds when the daemon stops: after the
 /// restart that request is resent, and when the next request releases it with nothing new,
 /// ejabberd answers it with the request's own stanzas. The page must not see its own message
 /// come back as if a contact had sent it.
-both!(a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page);
 async fn a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page(p: Server) {
     let path = state_path("echo");
     let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());

@@ -1,6 +1,6 @@
 //! Shared test support: the XMPP servers started by `scripts/test` (Prosody and ejabberd), and
 //! small waiting helpers.
-#![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
+#![allow(dead_code, unreachable_pub, unused_macros, unused_imports)] // each test binary uses a different part of this module
 
 pub mod daemon;
 pub mod node;
