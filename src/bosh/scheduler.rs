@@ -231,10 +231,14 @@ pub(crate) fn spawn(
     let Suspended {
         params,
         next_rid: rid,
-        unanswered: resend,
+        unanswered: mut resend,
         inbound: early,
         outbound,
     } = s;
+    // Anything older than the server's two-reply cache would never be answered by ejabberd (and
+    // poisons the session), so it is not resent; it cannot occur with requests=2.
+    let oldest_useful = rid.saturating_sub(u64::from(params.requests.max(2)));
+    resend.retain(|(r, _)| *r >= oldest_useful);
     let (tx, commands) = mpsc::channel(CHANNEL_CAP);
     let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
     let wait = Duration::from_secs(u64::from(params.wait));
@@ -266,10 +270,8 @@ pub(crate) fn spawn(
     };
     let mut scheduler = scheduler;
     // Oldest first, each once; a younger one goes out when the older ones are answered (a rid the
-    // server deferred must not arrive twice). Anything older than the server's two-reply cache
-    // would never be answered by ejabberd, so it is not resent (it cannot occur with requests=2).
-    let oldest_useful = rid.saturating_sub(scheduler.requests.max(2) as u64);
-    for (r, bytes) in resend.into_iter().filter(|(r, _)| *r >= oldest_useful) {
+    // server deferred must not arrive twice).
+    for (r, bytes) in resend {
         scheduler.in_flight.insert(
             r,
             InFlight {

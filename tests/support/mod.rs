@@ -193,23 +193,20 @@ impl Server {
     }
 
     /// Ends the client session of `full` from the server side, as an administrator would
-    /// (Prosody: `c2s:close`; ejabberd: `kick_session`).
+    /// (Prosody: `c2s:close`; ejabberd: `kick_user`).
     pub fn kill_session(&self, full: &str) {
         match self.kind {
             Kind::Prosody => {
                 self.shell(&format!("c2s:close('{full}')"));
             }
             Kind::Ejabberd => {
+                // `kick_user` (every session of the user: the tests have one), not
+                // `kick_session`: the latter ends the stream with `conflict`, which a client must
+                // take as "another login took this resource" and not log in again.
                 let jid = Jid::parse(full).unwrap();
+                assert!(jid.resource().is_some(), "{full} is not a full JID");
                 let user = jid.local().expect("a user's JID").to_owned();
-                let resource = jid.resource().expect("a full JID").to_owned();
-                self.ejabberdctl(&[
-                    "kick_session",
-                    &user,
-                    jid.domain(),
-                    &resource,
-                    "kicked by the test",
-                ]);
+                self.ejabberdctl(&["kick_user", &user, jid.domain()]);
             }
         }
     }
