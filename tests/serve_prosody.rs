@@ -426,7 +426,13 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working(p: Se
             }
         }
     }
-    assert_eq!(seen, ["unavailable", "available"]);
+    // Prosody tells the contact about the lost session before the new one; ejabberd (after
+    // `kick_user`) was seen to send only the new session's available. Either way the contact ends
+    // up seeing the user online.
+    match p.kind {
+        support::Kind::Prosody => assert_eq!(seen, ["unavailable", "available"]),
+        support::Kind::Ejabberd => assert_eq!(seen.last().map(String::as_str), Some("available")),
+    }
     b.handle
         .send(chat("g19a@localhost", "after the restore"))
         .await
@@ -516,6 +522,8 @@ async fn a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page
     })
     .await;
     p2.next_where(is_self_presence).await;
+    // The room's presence reaches every page anyway: make sure the session has taken p2's join.
+    p2.sync().await;
 
     let from_ay = format!("{room}/ay");
     let leave = presence()
