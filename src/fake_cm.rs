@@ -46,6 +46,8 @@ pub struct FakeCmConfig {
     pub contacts: Vec<String>,
     /// Localpart of a bot that is always online and answers each message with `echo: <body>`.
     pub echo_bot: Option<String>,
+    /// Check rids the way ejabberd 23.01 does (see [`ejabberd_rules`]) instead of ignoring them.
+    pub ejabberd_rids: bool,
 }
 
 impl Default for FakeCmConfig {
@@ -57,6 +59,7 @@ impl Default for FakeCmConfig {
             max_wait: 60,
             contacts: Vec::new(),
             echo_bot: None,
+            ejabberd_rids: false,
         }
     }
 }
@@ -160,6 +163,18 @@ struct Session {
     received: Vec<Element>,
     /// The session's current undirected presence, once available.
     available: Option<Element>,
+    /// ejabberd mode: the latest rid processed.
+    prev_rid: u64,
+    /// ejabberd mode: rids "2 ahead" waiting for the one before them.
+    deferred: std::collections::HashSet<u64>,
+    /// ejabberd mode: the rid of the held request and the stanzas it carried.
+    held_request: Option<(u64, Vec<Element>)>,
+    /// ejabberd mode: the held request is a resend (its empty release echoes its stanzas).
+    held_resent: bool,
+    /// ejabberd mode: woken whenever `prev_rid` advances.
+    advanced: Arc<tokio::sync::Notify>,
+    /// ejabberd mode: the latest released held request and what it was answered with.
+    released: Option<(u64, Vec<Element>)>,
 }
 
 impl FakeCm {
@@ -261,9 +276,7 @@ fn deliver(st: &mut State, to: &str, stanza: &Element) -> usize {
         };
         if hit {
             s.pending.push_back(stanza.clone());
-            if let Some(h) = s.held.take() {
-                let _ = h.send(s.pending.drain(..).collect());
-            }
+            release(s);
             n += 1;
         }
     }
@@ -388,6 +401,14 @@ async fn automatic(shared: &Shared, body: Body) -> Body {
     let Some(sid) = el.attr("sid").map(str::to_owned) else {
         return create(shared, el);
     };
+    let mut echo = None;
+    if cfg.ejabberd_rids {
+        match ejabberd_rules(shared, &sid, &body).await {
+            Rid::Answer(b) => return b,
+            Rid::Process => {}
+            Rid::ResentHeld(payload) => echo = Some(payload),
+        }
+    }
     let waiter = {
         let mut st = shared.state.lock();
         let Some(session) = st.sessions.get_mut(&sid) else {
@@ -426,9 +447,7 @@ async fn automatic(shared: &Shared, body: Body) -> Body {
         }
         let session = st.sessions.get_mut(&sid).expect("present above");
         // hold=1: a new request releases the one held before it.
-        if let Some(h) = session.held.take() {
-            let _ = h.send(session.pending.drain(..).collect());
-        }
+        release(session);
         if !session.pending.is_empty() {
             return body_with(session.pending.drain(..).collect());
         }
@@ -437,10 +456,118 @@ async fn automatic(shared: &Shared, body: Body) -> Body {
         (rx, session.wait)
     };
     let (rx, wait) = waiter;
-    match tokio::time::timeout(wait, rx).await {
-        Ok(Ok(stanzas)) => body_with(stanzas),
-        Ok(Err(_)) => terminate_body(None), // session ended while held
-        Err(_) => body_with(Vec::new()),
+    let stanzas = match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(stanzas)) => stanzas,
+        Ok(Err(_)) => return terminate_body(None), // session ended while held
+        Err(_) => Vec::new(),
+    };
+    match echo {
+        // ejabberd answers a resent held request released with nothing new with the request's
+        // own stanzas, marked with its rid.
+        Some(payload) if stanzas.is_empty() => {
+            let mut b = body_with(payload);
+            b.element.set_attr("sid", sid);
+            if let Some(rid) = el.attr("rid") {
+                b.element.set_attr("rid", rid);
+            }
+            b
+        }
+        _ => body_with(stanzas),
+    }
+}
+
+/// Answers the held request, if any, with the pending stanzas; ejabberd mode keeps them to
+/// replay if that request is resent (its first connection may be gone).
+fn release(s: &mut Session) {
+    if let Some(h) = s.held.take() {
+        let stanzas: Vec<Element> = s.pending.drain(..).collect();
+        if let Some((rid, _)) = &s.held_request {
+            s.released = Some((*rid, stanzas.clone()));
+        }
+        let _ = h.send(stanzas);
+    }
+}
+
+/// What the ejabberd rid rules decided for one request.
+enum Rid {
+    /// Answer this without processing the request.
+    Answer(Body),
+    /// Process it normally.
+    Process,
+    /// A resend of the held request: hold it again; released empty, it echoes these stanzas.
+    ResentHeld(Vec<Element>),
+}
+
+/// ejabberd 23.01's handling of rids (`ejabberd_bosh:active1/3`), with the faults it has:
+/// a rid more than 2 ahead of the latest processed one destroys the session; one 2 ahead is
+/// deferred until the rid before it arrives, and the same one arriving twice crashes the session
+/// (`internal-server-error`); a resend of the held request is held again and, released with
+/// nothing new, echoes its own stanzas; an older rid is never answered. Unlike ejabberd, answered
+/// rids are replayed empty (their bodies are not cached).
+async fn ejabberd_rules(shared: &Shared, sid: &str, body: &Body) -> Rid {
+    let Some(rid) = body.element.attr("rid").and_then(|r| r.parse::<u64>().ok()) else {
+        return Rid::Answer(terminate_body(Some("bad-request")));
+    };
+    loop {
+        let advanced = {
+            let mut st = shared.state.lock();
+            let Some(s) = st.sessions.get_mut(sid) else {
+                return Rid::Answer(terminate_body(Some("item-not-found")));
+            };
+            let prev = s.prev_rid;
+            if rid > prev + 2 {
+                st.sessions.remove(sid); // "Request ID is out of range": the session is gone
+                return Rid::Answer(terminate_body(Some("item-not-found")));
+            }
+            if rid == prev + 1 {
+                s.prev_rid = rid;
+                s.advanced.notify_waiters();
+                s.held_resent = false;
+                s.held_request = Some((rid, body.clone().into_children()));
+                return Rid::Process;
+            }
+            if rid == prev {
+                if let Some((held, payload)) = &s.held_request
+                    && *held == rid
+                    && s.held.is_some()
+                {
+                    let payload = payload.clone();
+                    s.held = None; // the first copy's connection is gone
+                    s.held_resent = true;
+                    return Rid::ResentHeld(payload);
+                }
+                let mut replay = match &s.released {
+                    Some((r, stanzas)) if *r == rid => body_with(stanzas.clone()),
+                    _ => body_with(Vec::new()),
+                };
+                replay.element.set_attr("sid", sid);
+                replay.element.set_attr("rid", rid.to_string());
+                return Rid::Answer(replay);
+            }
+            if rid + 1 == prev {
+                return Rid::Answer(body_with(Vec::new()));
+            }
+            if rid < prev {
+                None // outside the two-reply cache: ejabberd never answers
+            } else if !s.deferred.insert(rid) {
+                // rid == prev + 2 a second time: gb_trees:insert on an existing key kills the
+                // session's process.
+                st.sessions.remove(sid);
+                return Rid::Answer(terminate_body(Some("internal-server-error")));
+            } else {
+                Some(s.advanced.clone())
+            }
+        };
+        let Some(advanced) = advanced else {
+            std::future::pending::<()>().await;
+            unreachable!("pending never completes");
+        };
+        let wait = shared.config.max_wait;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(u64::from(wait)), advanced.notified()).await;
+        if let Some(s) = shared.state.lock().sessions.get_mut(sid) {
+            s.deferred.remove(&rid);
+        }
     }
 }
 
@@ -462,6 +589,12 @@ fn create(shared: &Shared, el: &Element) -> Body {
             held: None,
             received: Vec::new(),
             available: None,
+            prev_rid: el.attr("rid").and_then(|r| r.parse().ok()).unwrap_or(0),
+            deferred: std::collections::HashSet::new(),
+            held_request: None,
+            held_resent: false,
+            advanced: Arc::new(tokio::sync::Notify::new()),
+            released: None,
         },
     );
     let mut body = Element::new("body", ns::HTTPBIND)

@@ -252,7 +252,7 @@ async fn http_4xx_is_terminal() {
         let (_fake, mut rx, mut session) = attached().await;
         next_request(&mut rx).await.answer(Action::Status(status));
         match ended(&mut session).await {
-            Err(BoshError::HttpStatus(s)) => assert_eq!(s, status),
+            Err(BoshError::HttpStatus(s, _)) => assert_eq!(s, status),
             other => panic!("HTTP {status}: expected HttpStatus, got {other:?}"),
         }
     }
@@ -322,18 +322,17 @@ async fn a_recoverable_error_resends_every_unanswered_request() {
     let mut error = Element::new("body", ns::HTTPBIND).with_attr("type", "error");
     error.set_attr("condition", "item-not-found");
     r1.answer(Action::Respond(Body { element: error }));
+    // Oldest first; the younger one only once the older is answered (a server that deferred it
+    // must not get it twice: ejabberd crashes the session).
     let a = next_request(&mut rx).await;
+    assert_eq!((a.rid, &a.raw), (FIRST_RID, &originals[&FIRST_RID]));
+    a.respond(Vec::new());
     let b = next_request(&mut rx).await;
-    let mut resent: Vec<(u64, bytes::Bytes)> = vec![(a.rid, a.raw.clone()), (b.rid, b.raw.clone())];
-    resent.sort();
     assert_eq!(
-        resent,
-        vec![
-            (FIRST_RID, originals[&FIRST_RID].clone()),
-            (FIRST_RID + 1, originals[&(FIRST_RID + 1)].clone())
-        ]
+        (b.rid, &b.raw),
+        (FIRST_RID + 1, &originals[&(FIRST_RID + 1)])
     );
-    drop((r0, a, b));
+    drop((r0, b));
 }
 
 #[tokio::test]

@@ -9,14 +9,13 @@ use boshmux::bosh::{BoshClient, BoshError, BoshEvent};
 use boshmux::xmpp::sasl::Mechanism;
 use boshmux::xmpp::{Element, ns};
 use support::{
-    body_text, chat, eventually, go_online, next_event, next_message, prosody, raw_login,
+    Kind, Server, body_text, both, chat, eventually, go_online, next_event, next_message, raw_login,
 };
 
 const LIMIT: Duration = Duration::from_secs(15);
 
-#[tokio::test]
-async fn scram_sha1_login_binds_the_requested_resource() {
-    let p = prosody();
+both!(scram_sha1_login_binds_the_requested_resource);
+async fn scram_sha1_login_binds_the_requested_resource(p: Server) {
     let mut cfg = p.bosh_config();
     cfg.mechanisms = vec![Mechanism::ScramSha256, Mechanism::ScramSha1];
     let (jid, password) = p.user("g01a");
@@ -32,9 +31,8 @@ async fn scram_sha1_login_binds_the_requested_resource() {
     session.handle.terminate(vec![]).await.unwrap();
 }
 
-#[tokio::test]
-async fn plain_login_works_and_a_message_from_another_account_arrives() {
-    let p = prosody();
+both!(plain_login_works_and_a_message_from_another_account_arrives);
+async fn plain_login_works_and_a_message_from_another_account_arrives(p: Server) {
     let mut cfg = p.bosh_config();
     cfg.mechanisms = vec![Mechanism::Plain];
     let client = BoshClient::new(cfg).unwrap();
@@ -55,9 +53,8 @@ async fn plain_login_works_and_a_message_from_another_account_arrives() {
     b.handle.terminate(vec![]).await.unwrap();
 }
 
-#[tokio::test]
-async fn an_idle_session_survives_several_wait_periods() {
-    let p = prosody();
+both!(an_idle_session_survives_several_wait_periods);
+async fn an_idle_session_survives_several_wait_periods(p: Server) {
     let mut cfg = p.bosh_config();
     cfg.wait = 2;
     let (jid, pw) = p.user("g03a");
@@ -90,9 +87,8 @@ async fn an_idle_session_survives_several_wait_periods() {
     s.handle.terminate(vec![]).await.unwrap();
 }
 
-#[tokio::test]
-async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate() {
-    let p = prosody();
+both!(the_server_shows_one_session_while_it_runs_and_none_after_terminate);
+async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate(p: Server) {
     let (jid, pw) = p.user("g04a");
     let mut s = BoshClient::new(p.bosh_config())
         .unwrap()
@@ -112,9 +108,8 @@ async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate() {
     .await;
 }
 
-#[tokio::test]
-async fn a_wrong_password_is_a_terminal_auth_error() {
-    let p = prosody();
+both!(a_wrong_password_is_a_terminal_auth_error);
+async fn a_wrong_password_is_a_terminal_auth_error(p: Server) {
     let (jid, _) = p.user("g05a");
     match BoshClient::new(p.bosh_config())
         .unwrap()
@@ -129,9 +124,8 @@ async fn a_wrong_password_is_a_terminal_auth_error() {
     assert!(p.sessions_of(&jid).is_empty());
 }
 
-#[tokio::test]
-async fn a_session_closed_by_the_server_ends_without_a_condition() {
-    let p = prosody();
+both!(a_session_closed_by_the_server_ends_with_the_servers_terminate);
+async fn a_session_closed_by_the_server_ends_with_the_servers_terminate(p: Server) {
     let (jid, pw) = p.user("g06a");
     let mut s = BoshClient::new(p.bosh_config())
         .unwrap()
@@ -143,11 +137,23 @@ async fn a_session_closed_by_the_server_ends_without_a_condition() {
         (s.handle.stats().await.unwrap().in_flight == 1).then_some(())
     })
     .await;
-    p.shell("c2s:close('g06a@localhost/kill')");
+    p.kill_session("g06a@localhost/kill");
     loop {
         match next_event(&mut s.events, LIMIT).await {
-            BoshEvent::Ended(Err(BoshError::Terminated { condition, .. })) => {
-                assert_eq!(condition, None);
+            BoshEvent::Ended(Err(BoshError::Terminated {
+                condition,
+                stream_error,
+            })) => {
+                // Prosody's `c2s:close` ends the session with a bare terminate; ejabberd's
+                // `kick_session` sends a stream error first, which comes as
+                // `remote-stream-error` with the stream error inside.
+                match p.kind {
+                    Kind::Prosody => assert_eq!(condition, None),
+                    Kind::Ejabberd => {
+                        assert_eq!(condition.as_deref(), Some("remote-stream-error"));
+                        assert!(stream_error.is_some(), "no stream error inside");
+                    }
+                }
                 break;
             }
             BoshEvent::Ended(other) => panic!("expected Terminated, got {other:?}"),
@@ -156,11 +162,10 @@ async fn a_session_closed_by_the_server_ends_without_a_condition() {
     }
 }
 
+both!(attach_takes_over_a_session_created_elsewhere);
 /// A session established by someone else (here: raw HTTP, as a web app's server would) is taken
 /// over with its sid and next rid, and carries messages both ways.
-#[tokio::test]
-async fn attach_takes_over_a_session_created_elsewhere() {
-    let p = prosody();
+async fn attach_takes_over_a_session_created_elsewhere(p: Server) {
     let (a_jid, a_pw) = p.user("g07a");
     let (b_jid, b_pw) = p.user("g07b");
     let (full, sid, rid) = raw_login(&p.bosh, &a_jid, &a_pw, "web").await;

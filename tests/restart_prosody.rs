@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use boshmux::xmpp::{Element, ns};
 use support::daemon::{Daemon, Page};
-use support::{body_text, chat, eventually, prosody};
+use support::{Server, body_text, both, chat, eventually};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -21,9 +21,8 @@ fn state_path(name: &str) -> std::path::PathBuf {
     dir.join("state.json")
 }
 
-#[tokio::test]
-async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhile_once() {
-    let p = prosody();
+both!(a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhile_once);
+async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhile_once(p: Server) {
     let path = state_path("keep");
     let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());
     let first = Daemon::start(&p.bosh, &p.domain, tune).await;
@@ -95,9 +94,8 @@ async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhil
     second.stop().await;
 }
 
-#[tokio::test]
-async fn a_session_lost_upstream_while_down_is_dropped_cleanly() {
-    let p = prosody();
+both!(a_session_lost_upstream_while_down_is_dropped_cleanly);
+async fn a_session_lost_upstream_while_down_is_dropped_cleanly(p: Server) {
     let path = state_path("lost");
     let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());
     let first = Daemon::start(&p.bosh, &p.domain, tune).await;
@@ -106,7 +104,7 @@ async fn a_session_lost_upstream_while_down_is_dropped_cleanly() {
     first.stop().await;
     assert_eq!(page.closed().await.code, 1012);
     // As if the server's inactivity window had passed: the session is gone upstream.
-    p.shell("c2s:close('g26a@localhost/boshmux')");
+    p.kill_session("g26a@localhost/boshmux");
 
     let second = Daemon::start(&p.bosh, &p.domain, tune).await;
     eventually("the dead session to be dropped", LIMIT, || async {
@@ -127,5 +125,58 @@ async fn a_session_lost_upstream_while_down_is_dropped_cleanly() {
     let fresh = second.handoff("g26a", "pw-g26a").await;
     assert_eq!(fresh.status, 201);
     second.page("g26a", &fresh.token).await;
+    second.stop().await;
+}
+
+both!(a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page);
+/// A page's message still in the request the server holds when the daemon stops: after the
+/// restart that request is resent, and when the next request releases it with nothing new,
+/// ejabberd answers it with the request's own stanzas. The page must not see its own message
+/// come back as if a contact had sent it.
+async fn a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page(p: Server) {
+    let path = state_path("echo");
+    let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());
+    let first = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let h = first.handoff("g32a", "pw-g32a").await;
+    let mut page = first.page("g32a", &h.token).await;
+    page.send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g32b", "b").await;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("presence", ns::CLIENT) && s.attr("from") == Some("g32a@localhost/boshmux") {
+            break;
+        }
+    }
+    page.send(&chat("g32b@localhost", "sent just before the stop"))
+        .await;
+    // Once b has it, the request that carried it is held by the server with nothing to answer.
+    assert_eq!(
+        body_text(&support::next_message(&mut b.events, LIMIT).await).as_deref(),
+        Some("sent just before the stop")
+    );
+    first.stop().await;
+    assert_eq!(page.closed().await.code, 1012);
+
+    let second = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let mut page = second.page("g32a", &h.token).await;
+    // A new request makes the server release the resent one, with nothing new in it.
+    page.send(&chat("g32b@localhost", "sent after the restart"))
+        .await;
+    assert_eq!(
+        body_text(&support::next_message(&mut b.events, LIMIT).await).as_deref(),
+        Some("sent after the restart")
+    );
+    b.handle
+        .send(chat("g32a@localhost", "reply after the restart"))
+        .await
+        .unwrap();
+    let got = page.next_message().await;
+    assert_eq!(
+        body_text(&got).as_deref(),
+        Some("reply after the restart"),
+        "the page got {got}"
+    );
+    assert_eq!(got.attr("from"), Some("g32b@localhost/b"));
+    drop(page);
     second.stop().await;
 }

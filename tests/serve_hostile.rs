@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use boshmux::xmpp::{Element, ns};
 use support::daemon::Daemon;
-use support::{body_text, chat, next_message, prosody};
+use support::{Server, body_text, both, chat, next_message};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -66,9 +66,8 @@ fn cases() -> Vec<(&'static str, String, Expect)> {
     ]
 }
 
-#[tokio::test]
-async fn each_hostile_frame_costs_only_the_page_that_sent_it() {
-    let p = prosody();
+both!(each_hostile_frame_costs_only_the_page_that_sent_it);
+async fn each_hostile_frame_costs_only_the_page_that_sent_it(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let h = d.handoff("g20a", "pw-g20a").await;
     let mut steady = d.page("g20a", &h.token).await;
@@ -126,9 +125,8 @@ async fn each_hostile_frame_costs_only_the_page_that_sent_it() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_forged_from_is_replaced_by_the_sessions_jid() {
-    let p = prosody();
+both!(a_forged_from_is_replaced_by_the_sessions_jid);
+async fn a_forged_from_is_replaced_by_the_sessions_jid(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let h = d.handoff("g20c", "pw-g20c").await;
     let mut page = d.page("g20c", &h.token).await;
@@ -140,9 +138,8 @@ async fn a_forged_from_is_replaced_by_the_sessions_jid() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_utf8_and_binary_frames_close_only_that_page() {
-    let p = prosody();
+both!(invalid_utf8_and_binary_frames_close_only_that_page);
+async fn invalid_utf8_and_binary_frames_close_only_that_page(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let h = d.handoff("g23a", "pw-g23a").await;
     let mut steady = d.page("g23a", &h.token).await;

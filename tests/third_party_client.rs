@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use boshmux::bosh::BoshClient;
 use support::daemon::Daemon;
-use support::{body_text, chat, go_online, next_message, prosody};
+use support::{Server, body_text, both, chat, go_online, next_message};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn xmpp_js_logs_in_with_a_token_and_exchanges_messages() {
-    let p = prosody();
+both!(xmpp_js_logs_in_with_a_token_and_exchanges_messages);
+async fn xmpp_js_logs_in_with_a_token_and_exchanges_messages(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let h = d.handoff("g22a", "pw-g22a").await;
     let (b_jid, b_pw) = p.user("g22b");

@@ -38,9 +38,11 @@ pub enum BoshError {
         /// The stream error condition carried inside, if any.
         stream_error: Option<String>,
     },
-    /// HTTP 4xx, or another status that is not success and not worth repeating.
-    #[error("connection manager answered HTTP {0}")]
-    HttpStatus(u16),
+    /// HTTP 4xx, or another status that is not success and not worth repeating, with the
+    /// reason phrase when the server put its own there (ejabberd: `Session ID mismatch`,
+    /// `Request ID is out of range`, …).
+    #[error("connection manager answered HTTP {0}{reason}", reason = .1.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    HttpStatus(u16, Option<String>),
     /// A request kept failing in transport.
     #[error("request failed {attempts} times, giving up: {last}")]
     RetriesExhausted {

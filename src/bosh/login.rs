@@ -352,7 +352,7 @@ impl Exchange {
                         }
                     }
                 }
-                Err(PostError::Status(s)) => return Err(BoshError::HttpStatus(s)),
+                Err(PostError::Status(s, reason)) => return Err(BoshError::HttpStatus(s, reason)),
                 Err(PostError::Transient(e)) => e,
             };
             attempt += 1;

@@ -8,8 +8,16 @@
 //! - never more than `requests` requests in flight (a final terminate excepted, as allowed);
 //! - each new request carries the previous rid + 1; a failed one is resent byte-identical with
 //!   its own rid;
+//! - a request is resent only once every older one has been answered, so a resent rid is never
+//!   "2 ahead" of what the server has seen (ejabberd 23.01 crashes the session when the same
+//!   deferred rid arrives twice), and new rids stay within `requests` of the oldest unanswered
+//!   one (ejabberd destroys a session on a rid 3 ahead);
+//! - ejabberd's answer to a resent request it was holding can echo that request's own stanzas
+//!   (the body then carries a `rid` attribute); such an echo is recognised and taken as empty;
 //! - responses are handed on in rid order, whatever order they arrive in;
-//! - stanzas queued while every slot is busy go together in the next request.
+//! - stanzas queued while every slot is busy go together in the next request;
+//! - a new request is posted at least [`ORDER_GAP`] after the previous one while that one is
+//!   unanswered, so that requests reach the server in rid order.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -35,6 +43,11 @@ const OUTBOX_CAP: usize = 4096;
 const CHANNEL_CAP: usize = 256;
 /// An empty request answered empty faster than this was not held; the next one waits `polling`.
 const MIN_HOLD: Duration = Duration::from_millis(200);
+/// Least time between posting two new requests while the first is unanswered. Each goes on its
+/// own connection, and one that must open a new connection can reach the server after a younger
+/// one that found an idle pooled connection: ejabberd 23.01 then never answers the pair (the
+/// session wedges until its inactivity timeout). The gap lets the older request get on the wire.
+const ORDER_GAP: Duration = Duration::from_millis(25);
 
 /// A live upstream session as its owner sees it.
 #[derive(Debug)]
@@ -240,10 +253,14 @@ pub(crate) fn spawn(
     let Suspended {
         params,
         next_rid: rid,
-        unanswered: resend,
+        unanswered: mut resend,
         inbound: early,
         outbound,
     } = s;
+    // Anything older than the server's two-reply cache would never be answered by ejabberd (and
+    // poisons the session), so it is not resent; it cannot occur with requests=2.
+    let oldest_useful = rid.saturating_sub(u64::from(params.requests.max(2)));
+    resend.retain(|(r, _)| *r >= oldest_useful);
     let (tx, commands) = mpsc::channel(CHANNEL_CAP);
     let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
     let wait = Duration::from_secs(u64::from(params.wait));
@@ -271,19 +288,25 @@ pub(crate) fn spawn(
         stats: Stats::default(),
         degraded: false,
         empty_not_before: None,
+        last_post: None,
+        order_wait: None,
     };
     let mut scheduler = scheduler;
+    // Oldest first, each once; a younger one goes out when the older ones are answered (a rid the
+    // server deferred must not arrive twice).
     for (r, bytes) in resend {
         scheduler.in_flight.insert(
             r,
             InFlight {
-                bytes: bytes.clone(),
+                bytes,
                 attempt: 0,
                 empty: false,
+                resent: true,
+                parked: true,
             },
         );
-        scheduler.post(r, 0, bytes, Duration::ZERO);
     }
+    scheduler.unpark();
     tokio::spawn(scheduler.run(commands, early));
     BoshSession {
         handle: BoshHandle { tx, rid: rid_shown },
@@ -302,6 +325,11 @@ struct InFlight {
     attempt: u32,
     /// Whether it carried no stanzas.
     empty: bool,
+    /// Whether it has been sent more than once (or by a process before us): its answer may be a
+    /// replay or an echo.
+    resent: bool,
+    /// A resend waiting for every older request to be answered (nothing of it in flight now).
+    parked: bool,
 }
 
 /// The outcome of one HTTP attempt, from the task that made it.
@@ -340,6 +368,10 @@ struct Scheduler {
     degraded: bool,
     /// Set when the server answered an empty request without holding it, so we do not spin.
     empty_not_before: Option<Instant>,
+    /// When the latest new request was posted.
+    last_post: Option<Instant>,
+    /// Set when a new request waits for [`ORDER_GAP`] to pass.
+    order_wait: Option<Instant>,
 }
 
 /// The owner stopped listening; the session should end.
@@ -353,7 +385,8 @@ impl Scheduler {
             let poll_at = match (self.in_flight.is_empty(), self.empty_not_before) {
                 (true, Some(at)) => Some(at),
                 _ => None,
-            };
+            }
+            .or(self.order_wait);
             tokio::select! {
                 cmd = commands.recv(), if self.outbox.len() < OUTBOX_CAP => match cmd {
                     Some(Command::Send(stanzas)) => self.outbox.extend(stanzas),
@@ -386,7 +419,12 @@ impl Scheduler {
                     }
                 }
                 () = tokio::time::sleep_until(poll_at.unwrap_or_else(Instant::now)), if poll_at.is_some() => {
-                    self.empty_not_before = None;
+                    let now = Instant::now();
+                    if self.order_wait.is_some_and(|at| at <= now) {
+                        self.order_wait = None;
+                    } else {
+                        self.empty_not_before = None;
+                    }
                 }
             }
         }
@@ -420,6 +458,13 @@ impl Scheduler {
                 }
                 return;
             }
+            if !self.in_flight.is_empty()
+                && let Some(at) = self.last_post.map(|t| t + ORDER_GAP)
+                && Instant::now() < at
+            {
+                self.order_wait = Some(at);
+                return;
+            }
             let payload = self.take_batch();
             self.send_new(payload, false);
         }
@@ -445,6 +490,7 @@ impl Scheduler {
         let rid = self.next_rid;
         self.next_rid += 1;
         self.rid_shown.store(self.next_rid, Ordering::Relaxed);
+        self.last_post = Some(Instant::now());
         let bytes = body::request_bytes(rid, &self.sid, &payload);
         self.in_flight.insert(
             rid,
@@ -452,6 +498,8 @@ impl Scheduler {
                 bytes: bytes.clone(),
                 attempt: 0,
                 empty,
+                resent: false,
+                parked: false,
             },
         );
         self.stats.requests += 1;
@@ -493,8 +541,8 @@ impl Scheduler {
                 body
             }
             Err(PostError::Transient(e)) => return self.retry(reply.rid, e).await,
-            Err(PostError::Status(status)) => {
-                return Err(Ended::Error(BoshError::HttpStatus(status)));
+            Err(PostError::Status(status, reason)) => {
+                return Err(Ended::Error(BoshError::HttpStatus(status, reason)));
             }
         };
         match body.body_type() {
@@ -527,6 +575,18 @@ impl Scheduler {
             }
             BodyType::Normal => {
                 let req = self.in_flight.remove(&reply.rid).expect("checked above");
+                let body = if req.resent && is_echo(&body, &req.bytes) {
+                    tracing::debug!(
+                        rid = reply.rid,
+                        "resent request answered with its own stanzas; taken as empty"
+                    );
+                    Body {
+                        element: Element::new("body", ns::HTTPBIND),
+                    }
+                } else {
+                    body
+                };
+                self.unpark();
                 if !req.empty {
                     self.metrics
                         .upstream_latency
@@ -575,6 +635,7 @@ impl Scheduler {
             return Ok(());
         };
         req.attempt += 1;
+        req.resent = true;
         let attempt = req.attempt;
         if attempt > self.timeouts.max_retries {
             return Err(Ended::Error(BoshError::RetriesExhausted {
@@ -596,9 +657,30 @@ impl Scheduler {
         })
         .await
         .map_err(|Deaf| Ended::Deaf)?;
+        if self.in_flight.range(..rid).next().is_some() {
+            // An older request is unanswered: the server may hold this one deferred, and a second
+            // copy would crash an ejabberd session. It goes out once the older ones are answered.
+            self.in_flight
+                .get_mut(&rid)
+                .expect("looked up above")
+                .parked = true;
+            return Ok(());
+        }
         let delay = self.timeouts.backoff(attempt);
         self.post(rid, attempt, bytes, delay);
         Ok(())
+    }
+
+    /// Posts the oldest unanswered request if it is a parked resend (see [`Scheduler::retry`]).
+    fn unpark(&mut self) {
+        let Some((&rid, req)) = self.in_flight.iter_mut().next() else {
+            return;
+        };
+        if req.parked {
+            req.parked = false;
+            let (attempt, bytes) = (req.attempt, req.bytes.clone());
+            self.post(rid, attempt, bytes, Duration::ZERO);
+        }
     }
 
     /// Everything resuming needs; requests in flight are dropped locally and stay at the server.
@@ -695,6 +777,41 @@ fn bounce(root: &Element, me: &Jid, reason: DropReason) -> Option<Element> {
                 .with_child(Element::new("text", ns::STANZAS).with_text(text)),
         ),
     )
+}
+
+/// Whether `reply` is ejabberd's echo of the resent request `request`: it carries a `rid`
+/// attribute (only its replays do) and exactly the stanzas the request carried (at least one).
+fn is_echo(reply: &Body, request: &[u8]) -> bool {
+    if reply.element.attr("rid").is_none() {
+        return false;
+    }
+    let Ok(request) = Body::parse(request) else {
+        return false;
+    };
+    let sent: Vec<&Element> = request.element.elements().collect();
+    let got: Vec<&Element> = reply.element.elements().collect();
+    !sent.is_empty() && sent.len() == got.len() && sent.iter().zip(&got).all(|(a, b)| same(a, b))
+}
+
+/// Equal as XML: names, namespaces, attributes in any order, children in order.
+fn same(a: &Element, b: &Element) -> bool {
+    use crate::xmpp::Node;
+    fn attrs(e: &Element) -> Vec<(&Option<String>, &String, &String)> {
+        let mut v: Vec<_> = e.attrs.iter().map(|a| (&a.ns, &a.name, &a.value)).collect();
+        v.sort();
+        v
+    }
+    a.name == b.name
+        && a.ns == b.ns
+        && attrs(a) == attrs(b)
+        && a.children.len() == b.children.len()
+        && a.children
+            .iter()
+            .zip(&b.children)
+            .all(|(x, y)| match (x, y) {
+                (Node::Element(x), Node::Element(y)) => same(x, y),
+                (x, y) => x == y,
+            })
 }
 
 /// Splits a terminate body into the stanzas it still carries (delivered first) and the error.

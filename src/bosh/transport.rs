@@ -12,8 +12,9 @@ use super::reader::{BodyReader, ReadLimits, Response};
 pub(crate) enum PostError {
     /// Worth repeating with the same rid.
     Transient(TransportError),
-    /// A 4xx or other non-retryable status.
-    Status(u16),
+    /// A 4xx or other non-retryable status, and the reason phrase when it is not the standard
+    /// one (ejabberd puts its error reason there, e.g. `Session ID mismatch`).
+    Status(u16, Option<String>),
 }
 
 /// The connection manager's URL and a pooled HTTP client, shared by every session.
@@ -73,11 +74,17 @@ impl Transport {
                 .await
                 .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))?;
             let status = resp.status().as_u16();
+            let reason = reason_phrase(&resp);
             if status >= 500 {
+                tracing::debug!(status, reason, "connection manager answered a server error");
                 return Err(PostError::Transient(TransportError::ServerError(status)));
             }
             if status != 200 {
-                return Err(PostError::Status(status));
+                return Err(PostError::Status(status, reason));
+            }
+            if let Some(reason) = reason {
+                // ejabberd answers some errors 200 with a terminate body; the reason says more.
+                tracing::info!(reason, "connection manager gave a reason with its answer");
             }
             let mut resp = resp;
             let mut reader = BodyReader::new(self.limits);
@@ -98,6 +105,13 @@ impl Transport {
             .await
             .unwrap_or(Err(PostError::Transient(TransportError::Timeout(timeout))))
     }
+}
+
+/// The reason phrase of `resp` when it differs from the standard one for its status.
+fn reason_phrase(resp: &reqwest::Response) -> Option<String> {
+    resp.extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
 }
 
 /// reqwest's top-level message is generic ("error sending request"); the cause says what failed.

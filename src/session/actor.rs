@@ -531,7 +531,7 @@ fn terminal_condition(e: &BoshError) -> String {
         BoshError::Terminated { condition, .. } => {
             condition.clone().unwrap_or_else(|| "none".into())
         }
-        BoshError::HttpStatus(s) => format!("http-{s}"),
+        BoshError::HttpStatus(s, _) => format!("http-{s}"),
         BoshError::RetriesExhausted { .. } => "retries-exhausted".into(),
         _ => "other".into(),
     }

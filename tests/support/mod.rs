@@ -1,5 +1,6 @@
-//! Shared test support: the Prosody started by `scripts/test`, and small waiting helpers.
-#![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
+//! Shared test support: the XMPP servers started by `scripts/test` (Prosody and ejabberd), and
+//! small waiting helpers.
+#![allow(dead_code, unreachable_pub, unused_macros, unused_imports)] // each test binary uses a different part of this module
 
 pub mod daemon;
 pub mod node;
@@ -11,32 +12,99 @@ use std::time::Duration;
 use boshmux::bosh::{Body, BoshConfig, BoshEvent, SessionParams, Timeouts};
 use boshmux::xmpp::{Element, Jid, ns};
 
-/// The Prosody that `scripts/test` runs for this test run.
-pub struct Prosody {
+/// Which XMPP server a [`Server`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Prosody 0.12 (scripts/prosody.sh).
+    Prosody,
+    /// ejabberd 23.01 (scripts/ejabberd.sh).
+    Ejabberd,
+}
+
+/// One of the XMPP servers that `scripts/test` runs for this test run (both serve the same
+/// accounts: groups of four mutual contacts `g01a` … with password `pw-` + name).
+pub struct Server {
+    /// Which server this is.
+    pub kind: Kind,
     /// Its BOSH URL.
     pub bosh: String,
+    /// Its XMPP-over-WebSocket URL.
+    pub ws: String,
     /// Its virtual host.
     pub domain: String,
-    /// Its config file, for `prosodyctl --config … shell`.
-    pub config: String,
+    /// Its MUC service.
+    pub muc: String,
+    /// Prosody: its config file (for `prosodyctl --config … shell`); ejabberd: the private
+    /// `ejabberdctl` of the test node.
+    pub admin: String,
+}
+
+/// The name the tests written for Prosody alone use; every such test body runs on any [`Server`].
+pub type Prosody = Server;
+
+fn server_var(server: &str, name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: tests that need {server} run through scripts/test, which starts one"
+        )
+    })
 }
 
 /// The test Prosody. Panics (failing the test) when the run was not started by `scripts/test`:
-/// a Prosody test never passes by skipping.
-pub fn prosody() -> Prosody {
-    let var = |name: &str| {
-        std::env::var(name).unwrap_or_else(|_| {
-            panic!("{name} is not set: tests that need Prosody run through scripts/test, which starts one")
-        })
-    };
-    Prosody {
+/// a server test never passes by skipping.
+pub fn prosody() -> Server {
+    let var = |name: &str| server_var("Prosody", name);
+    Server {
+        kind: Kind::Prosody,
         bosh: var("BOSHMUX_TEST_PROSODY_BOSH"),
+        ws: var("BOSHMUX_TEST_PROSODY_WS"),
         domain: var("BOSHMUX_TEST_PROSODY_DOMAIN"),
-        config: var("BOSHMUX_TEST_PROSODY_CONFIG"),
+        muc: var("BOSHMUX_TEST_PROSODY_MUC"),
+        admin: var("BOSHMUX_TEST_PROSODY_CONFIG"),
     }
 }
 
-impl Prosody {
+/// The test ejabberd. Panics (failing the test) when the run was not started by `scripts/test`.
+pub fn ejabberd() -> Server {
+    let var = |name: &str| server_var("ejabberd", name);
+    Server {
+        kind: Kind::Ejabberd,
+        bosh: var("BOSHMUX_TEST_EJABBERD_BOSH"),
+        ws: var("BOSHMUX_TEST_EJABBERD_WS"),
+        domain: var("BOSHMUX_TEST_EJABBERD_DOMAIN"),
+        muc: var("BOSHMUX_TEST_EJABBERD_MUC"),
+        admin: var("BOSHMUX_TEST_EJABBERD_CTL"),
+    }
+}
+
+/// Runs the test body `async fn $name(p: Server)` once per server, as the tests
+/// `$name::prosody` and `$name::ejabberd` (a failure names the server). Write it right above the
+/// body: `both!(a_case); async fn a_case(p: Server) { … }`.
+///
+/// The runtime has two worker threads: the bodies call the servers' admin tools synchronously
+/// (`ejabberdctl` takes ~0.3 s), which must not stall the BOSH client's tasks meanwhile.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn prosody() {
+                super::$name(crate::support::prosody()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ejabberd() {
+                super::$name(crate::support::ejabberd()).await
+            }
+        }
+    };
+}
+pub(crate) use both;
+
+impl Server {
+    /// True for Prosody.
+    pub fn is_prosody(&self) -> bool {
+        self.kind == Kind::Prosody
+    }
+
     /// User `name` of the test accounts (e.g. `g01a`) and its password.
     pub fn user(&self, name: &str) -> (Jid, String) {
         (
@@ -45,18 +113,28 @@ impl Prosody {
         )
     }
 
-    /// A BOSH client configuration for this Prosody with tight timeouts.
+    /// A BOSH client configuration for this server with tight timeouts, except for the margin
+    /// after `wait`: ejabberd crashes a session when a rid it still holds arrives again, so a held
+    /// request is given up only once the server has surely answered it (a loaded test machine
+    /// can be seconds late).
     pub fn bosh_config(&self) -> BoshConfig {
         let mut cfg = BoshConfig::new(self.bosh.clone());
-        cfg.timeouts = Timeouts::tight();
+        cfg.timeouts = Timeouts {
+            margin: Duration::from_secs(5),
+            ..Timeouts::tight()
+        };
         cfg.wait = 10;
         cfg
     }
 
-    /// Runs one admin shell command and returns its output.
+    /// Runs one Prosody admin shell command and returns its output.
     pub fn shell(&self, command: &str) -> String {
+        assert!(
+            self.is_prosody(),
+            "shell({command:?}) is Prosody's admin shell"
+        );
         let out = Command::new("prosodyctl")
-            .args(["--config", &self.config, "shell", command])
+            .args(["--config", &self.admin, "shell", command])
             .output()
             .expect("run prosodyctl");
         assert!(
@@ -66,7 +144,19 @@ impl Prosody {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Another account of the test Prosody, logged in directly over BOSH as `resource` and online.
+    /// Runs one command of the test ejabberd's `ejabberdctl` (each call boots an Erlang VM:
+    /// ~0.3 s, so never poll with it in a tight loop) and returns its output.
+    pub fn ejabberdctl(&self, args: &[&str]) -> String {
+        assert!(!self.is_prosody(), "ejabberdctl {args:?} is ejabberd's");
+        let out = Command::new(&self.admin)
+            .args(args)
+            .output()
+            .expect("run ejabberdctl");
+        assert!(out.status.success(), "ejabberdctl {args:?} failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Another account of the test server, logged in directly over BOSH as `resource` and online.
     pub async fn contact(&self, user: &str, resource: &str) -> boshmux::bosh::BoshSession {
         let (jid, pw) = self.user(user);
         let mut s = boshmux::bosh::BoshClient::new(self.bosh_config())
@@ -78,15 +168,47 @@ impl Prosody {
         s
     }
 
-    /// Full JIDs of the live client sessions of user `bare`, as the server's admin shell lists them.
+    /// Full JIDs of the live client sessions of user `bare`, as the server's admin interface lists
+    /// them (Prosody: `c2s:show()`; ejabberd: `connected_users`).
     pub fn sessions_of(&self, bare: &Jid) -> Vec<String> {
         let prefix = format!("{bare}/");
-        self.shell("c2s:show()")
-            .lines()
-            .filter_map(|l| l.split('|').nth(1).map(str::trim))
-            .filter(|jid| jid.starts_with(&prefix))
-            .map(str::to_owned)
-            .collect()
+        let mut jids: Vec<String> = match self.kind {
+            Kind::Prosody => self
+                .shell("c2s:show()")
+                .lines()
+                .filter_map(|l| l.split('|').nth(1).map(str::trim))
+                .filter(|jid| jid.starts_with(&prefix))
+                .map(str::to_owned)
+                .collect(),
+            Kind::Ejabberd => self
+                .ejabberdctl(&["connected_users"])
+                .lines()
+                .map(str::trim)
+                .filter(|jid| jid.starts_with(&prefix))
+                .map(str::to_owned)
+                .collect(),
+        };
+        jids.sort();
+        jids
+    }
+
+    /// Ends the client session of `full` from the server side, as an administrator would
+    /// (Prosody: `c2s:close`; ejabberd: `kick_user`).
+    pub fn kill_session(&self, full: &str) {
+        match self.kind {
+            Kind::Prosody => {
+                self.shell(&format!("c2s:close('{full}')"));
+            }
+            Kind::Ejabberd => {
+                // `kick_user` (every session of the user: the tests have one), not
+                // `kick_session`: the latter ends the stream with `conflict`, which a client must
+                // take as "another login took this resource" and not log in again.
+                let jid = Jid::parse(full).unwrap();
+                assert!(jid.resource().is_some(), "{full} is not a full JID");
+                let user = jid.local().expect("a user's JID").to_owned();
+                self.ejabberdctl(&["kick_user", &user, jid.domain()]);
+            }
+        }
     }
 }
 
