@@ -312,6 +312,9 @@ impl World {
                                 let reply = self.answer(a, &id, &asker);
                                 sent[i].push(reply.clone());
                                 self.tabs[i].send(reply).await;
+                                // The daemon has handled this answer before the next page's:
+                                // the order of the answers is the script's, not a race.
+                                self.sync_tab(i).await?;
                             }
                         }
                     }
