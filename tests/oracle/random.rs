@@ -229,10 +229,10 @@ pub async fn check(p: &Prosody, groups: (&str, &str)) {
     let (tag_a, tag_b) = (format!("{tag}a"), format!("{tag}b"));
     let (mut a, mut b) = tokio::join!(
         World::start(p, Mode::Direct, groups.0, &tag_a, TABS),
-        World::start(p, Mode::Daemon, groups.1, &tag_b, TABS),
+        World::start(p, crate::side_b(), groups.1, &tag_b, TABS),
     );
     let mut obs_a = observers(TABS, false);
-    let mut obs_b = observers(TABS, true);
+    let mut obs_b = observers(TABS, crate::side_b() == Mode::Daemon);
     let mut hits = BTreeMap::new();
     let mut setup = Script::new("random setup", TABS);
     for room in ROOMS {

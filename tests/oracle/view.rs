@@ -233,6 +233,10 @@ pub struct Observer {
     last: BTreeMap<String, String>,
     pending: BTreeSet<String>,
     subjects: BTreeMap<String, String>,
+    /// The presence this tab sent in the current step, as its reflection reads: in that step
+    /// it is the user's presence, whatever order the other resources' presence (the server's
+    /// answers to our probes) arrives in.
+    mine: Option<String>,
     /// Rooms this tab joined (normalised bare), for [`Allow::RoomToEveryPage`].
     rooms: BTreeSet<String>,
 }
@@ -272,11 +276,15 @@ impl Observer {
     /// Notes a stanza this tab sent (rooms it addressed, answers to subscriptions).
     pub fn sent(&mut self, n: &Names, e: &Element) {
         let Some(to) = e.attr("to") else {
+            if e.is("presence", ns::CLIENT) && e.attr("type").is_none() {
+                let mut reflected = e.clone();
+                reflected.set_attr("from", format!("{}/~", n.user));
+                self.mine = Some(n.norm(&reflected));
+            }
             if e.is("presence", ns::CLIENT) && e.attr("type") == Some("unavailable") {
                 // A client going offline forgets who is online (rooms aside); it learns
                 // again when it comes back.
                 self.last.retain(|k, _| k.starts_with('#'));
-                self.own.clear();
                 // The server reflects it to a real resource; a page going offline while
                 // another stays online changes nothing upstream (SPEC §6.6).
                 self.own_seen = Some(
@@ -434,7 +442,15 @@ impl Observer {
         if from_n == "U/~" && matches!(kind, None | Some("unavailable")) {
             match kind {
                 None => {
+                    // Only a change counts: the server's answers to our probes repeat our
+                    // other resources' presence in no defined order.
+                    if self.own.get(from) == Some(&text) {
+                        return None;
+                    }
                     self.own.insert(from.to_owned(), text.clone());
+                    if self.mine.as_ref().is_some_and(|m| *m != text) {
+                        return None;
+                    }
                 }
                 _ => {
                     self.own.remove(from);
@@ -517,6 +533,7 @@ pub fn fold(
     let mut out = Vec::new();
     for (o, received) in record.received.iter().enumerate() {
         let obs = &mut observers[o];
+        obs.mine = None;
         if let Some(t) = obs.tab {
             if record.fresh.get(t).copied().unwrap_or(false) {
                 obs.reset();
