@@ -442,11 +442,6 @@ impl Observer {
         if from_n == "U/~" && matches!(kind, None | Some("unavailable")) {
             match kind {
                 None => {
-                    // Only a change counts: the server's answers to our probes repeat our
-                    // other resources' presence in no defined order.
-                    if self.own.get(from) == Some(&text) {
-                        return None;
-                    }
                     self.own.insert(from.to_owned(), text.clone());
                     if self.mine.as_ref().is_some_and(|m| *m != text) {
                         return None;
