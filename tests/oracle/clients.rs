@@ -175,12 +175,11 @@ impl Client {
         let into = Arc::clone(&log);
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
-                if let Message::Text(t) = msg {
-                    if let Ok(el) = parse(t.as_bytes()) {
-                        if !el.is("close", ns::FRAMING) {
-                            into.push(el);
-                        }
-                    }
+                if let Message::Text(t) = msg
+                    && let Ok(el) = parse(t.as_bytes())
+                    && !el.is("close", ns::FRAMING)
+                {
+                    into.push(el);
                 }
             }
         });

@@ -2,7 +2,7 @@
 //! long-lived worlds (logging in costs more than a run), each compared on its own. The seed is
 //! printed; `BOSHMUX_ORACLE_SEED=N` replays it, `BOSHMUX_ORACLE_RUNS=N` sets the number of runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::script::{Answer, Script, Step, Who};
 use crate::support::Prosody;
@@ -37,15 +37,41 @@ impl Rng {
     }
 }
 
+/// Which tabs the generator has put in which room, under which nick, so that it writes what a
+/// client would: a tab leaves, renames and speaks only in rooms it joined, every tab of the user
+/// uses the user's nick in a room, and a tab goes offline only outside rooms (a real resource
+/// going offline leaves its rooms; SPEC §6.6 does not say what a page's offline does to rooms).
+#[derive(Default)]
+pub struct Model {
+    rooms: BTreeMap<&'static str, (&'static str, BTreeSet<usize>)>,
+}
+
+impl Model {
+    fn in_room(&self, room: &str, tab: usize) -> bool {
+        self.rooms.get(room).is_some_and(|(_, t)| t.contains(&tab))
+    }
+
+    fn in_any(&self, tab: usize) -> bool {
+        self.rooms.values().any(|(_, t)| t.contains(&tab))
+    }
+}
+
 /// One random step.
-fn step(rng: &mut Rng) -> Step {
-    let tab = Who::Tab(rng.below(TABS));
+fn step(rng: &mut Rng, model: &mut Model) -> Step {
+    let t = rng.below(TABS);
+    let tab = Who::Tab(t);
     let contact = *rng.pick(&[Who::B, Who::C]);
     let contact_jid = *rng.pick(&["{B}", "{C}", "{Bf}"]);
     let room = *rng.pick(&ROOMS);
-    let nick = *rng.pick(&["u", "u2"]);
     let send = |who: Who, s: String| Step::Send(who, s);
-    match rng.below(20) {
+    let mut choice = rng.below(20);
+    if matches!(choice, 10..=12) && !model.in_room(room, t) {
+        choice = 8; // not in the room: join it first
+    }
+    if choice == 2 && model.in_any(t) {
+        choice = 0;
+    }
+    match choice {
         0 | 1 => {
             let show = *rng.pick(&["", "away", "dnd", "xa", "chat"]);
             let inner = if show.is_empty() {
@@ -88,17 +114,38 @@ fn step(rng: &mut Rng) -> Step {
             ]);
             send(tab, format!("<iq type='get' id='o-q' {q}</iq>"))
         }
-        8 | 9 => send(
-            tab,
-            format!(
-                "<presence to='{{r:{room}}}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
-            ),
-        ),
-        10 => send(
-            tab,
-            format!("<presence type='unavailable' to='{{r:{room}}}/{nick}'/>"),
-        ),
-        11 => send(tab, format!("<presence to='{{r:{room}}}/{nick}'/>")),
+        8 | 9 => {
+            let fresh_nick = *rng.pick(&["u", "u2"]);
+            let entry = model
+                .rooms
+                .entry(room)
+                .or_insert_with(|| (fresh_nick, BTreeSet::new()));
+            entry.1.insert(t);
+            let nick = entry.0;
+            send(
+                tab,
+                format!(
+                    "<presence to='{{r:{room}}}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+                ),
+            )
+        }
+        10 => {
+            let (nick, tabs) = model.rooms.get_mut(room).expect("in the room");
+            let nick = *nick;
+            tabs.remove(&t);
+            if tabs.is_empty() {
+                model.rooms.remove(room);
+            }
+            send(
+                tab,
+                format!("<presence type='unavailable' to='{{r:{room}}}/{nick}'/>"),
+            )
+        }
+        11 => {
+            let entry = model.rooms.get_mut(room).expect("in the room");
+            entry.0 = if entry.0 == "u" { "u2" } else { "u" };
+            send(tab, format!("<presence to='{{r:{room}}}/{}'/>", entry.0))
+        }
         12 => send(
             tab,
             format!("<message to='{{r:{room}}}' type='groupchat'><body>t</body></message>"),
@@ -114,12 +161,15 @@ fn step(rng: &mut Rng) -> Step {
                 rng.below(3)
             ),
         ),
-        15 => send(
-            Who::B,
-            format!(
-                "<iq type='set' id='o-kick' to='{{r:{room}}}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='{nick}' role='none'/></query></iq>"
-            ),
-        ),
+        15 => {
+            let nick = model.rooms.remove(room).map_or("u", |(nick, _)| nick);
+            send(
+                Who::B,
+                format!(
+                    "<iq type='set' id='o-kick' to='{{r:{room}}}'><query xmlns='http://jabber.org/protocol/muc#admin'><item nick='{nick}' role='none'/></query></iq>"
+                ),
+            )
+        }
         16 => {
             let show = *rng.pick(&["<show>away</show>", "", "<show>dnd</show>"]);
             send(contact, format!("<presence>{show}</presence>"))
@@ -147,13 +197,13 @@ fn step(rng: &mut Rng) -> Step {
     }
 }
 
-/// Random run `i` of `seed`.
-pub fn script(seed: u64, i: u64) -> Script {
+/// Random run `i` of `seed`, following on from the runs before it (`model`).
+pub fn script(seed: u64, i: u64, model: &mut Model) -> Script {
     let mut rng = Rng(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
     Script {
         name: format!("random seed={seed} run={i}"),
         tabs: TABS,
-        steps: (0..STEPS).map(|_| step(&mut rng)).collect(),
+        steps: (0..STEPS).map(|_| step(&mut rng, model)).collect(),
     }
 }
 
@@ -179,21 +229,22 @@ pub async fn check(p: &Prosody, groups: (&str, &str)) {
     let (tag_a, tag_b) = (format!("{tag}a"), format!("{tag}b"));
     let (mut a, mut b) = tokio::join!(
         World::start(p, Mode::Direct, groups.0, &tag_a, TABS),
-        World::start(p, Mode::Daemon, groups.1, &tag_b, TABS),
+        World::start(p, crate::side_b(), groups.1, &tag_b, TABS),
     );
     let mut obs_a = observers(TABS, false);
-    let mut obs_b = observers(TABS, true);
+    let mut obs_b = observers(TABS, crate::side_b() == Mode::Daemon);
     let mut hits = BTreeMap::new();
     let mut setup = Script::new("random setup", TABS);
     for room in ROOMS {
         setup = setup.create_room(Who::B, room, "bee", &[]);
     }
     let mut failure = None;
+    let mut model = Model::default();
     for i in 0..=runs {
         let (script, open) = if i == 0 {
             (setup.clone(), true)
         } else {
-            (script(seed, i), false)
+            (script(seed, i, &mut model), false)
         };
         let (pa, pb) = tokio::join!(
             play_on(&mut a, &script, open),

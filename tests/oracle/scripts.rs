@@ -198,6 +198,14 @@ pub fn rooms() -> Vec<Script> {
             .join(Who::Tab(1), "lj", "u")
             .tab(1, &groupchat("lj", "back"))
             .leave(Who::Tab(1), "lj", "u"),
+        Script::new("room_history_for_a_second_page", 2)
+            .create_room(Who::B, "hs", "bee", &[])
+            .step(Who::B, &groupchat("hs", "said before you came"))
+            .join(Who::Tab(0), "hs", "u")
+            .tab(0, &groupchat("hs", "said by the first tab"))
+            .join(Who::Tab(1), "hs", "u")
+            .leave(Who::Tab(0), "hs", "u")
+            .leave(Who::Tab(1), "hs", "u"),
         Script::new("room_contact_presence_and_groupchat", 2)
             .create_room(Who::B, "gp", "bee", &[])
             .join(Who::Tab(0), "gp", "u")

@@ -81,24 +81,20 @@ impl Names {
     pub fn norm(&self, e: &Element) -> String {
         let mut out = String::new();
         let mut top = e.clone();
-        if top.attr("type") == Some("unavailable") {
-            if let Some(Node::Element(x)) = top
+        if top.attr("type") == Some("unavailable")
+            && let Some(Node::Element(x)) = top
                 .children
                 .iter_mut()
                 .find(|c| matches!(c, Node::Element(x) if x.is("x", ns::MUC_USER)))
-            {
-                let ours = x
-                    .elements()
-                    .any(|c| c.name == "status" && c.attr("code") == Some("110"));
-                if ours {
-                    for c in &mut x.children {
-                        if let Node::Element(item) = c {
-                            if item.name == "item" {
-                                item.remove_attr("role");
-                                item.remove_attr("jid");
-                            }
-                        }
-                    }
+            && x.elements()
+                .any(|c| c.name == "status" && c.attr("code") == Some("110"))
+        {
+            for c in &mut x.children {
+                if let Node::Element(item) = c
+                    && item.name == "item"
+                {
+                    item.remove_attr("role");
+                    item.remove_attr("jid");
                 }
             }
         }
@@ -125,7 +121,7 @@ impl Names {
             .attrs
             .iter()
             .filter(|a| a.ns.is_none())
-            .filter(|a| !(a.name == "id" && !a.value.starts_with("o-")))
+            .filter(|a| a.name != "id" || a.value.starts_with("o-"))
             .filter(|a| !(a.name == "ver" && e.ns == ns::ROSTER))
             .map(|a| {
                 let v = if matches!(a.name.as_str(), "from" | "to" | "jid" | "by") {
@@ -178,6 +174,7 @@ fn ignored(e: &Element) -> bool {
 /// The SPEC rules under which B may differ from real resources, as the allow-list of the
 /// oracle. Each counts how often it explained a difference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[allow(clippy::enum_variant_names)] // each rule is about something reaching every page
 pub enum Allow {
     /// SPEC §6.3/§6.5: every inbound stanza reaches every page, so a tab that has not joined a
     /// room still sees the room's presence and messages; a real resource that did not join
@@ -185,7 +182,7 @@ pub enum Allow {
     RoomToEveryPage,
     /// SPEC §6.3: a message to the session's full JID reaches every page; between real
     /// resources only the addressed one gets it when the server does not carbon it
-    /// (private, no-copy, headline, normal without body).
+    /// (private, no-copy, headline, normal without body, a room's error to the one that sent).
     FullJidMessageToEveryPage,
     /// SPEC §6.2: a request to the session's full JID goes to every page; a real resource
     /// other than the addressed one never sees it.
@@ -236,6 +233,10 @@ pub struct Observer {
     last: BTreeMap<String, String>,
     pending: BTreeSet<String>,
     subjects: BTreeMap<String, String>,
+    /// The presence this tab sent in the current step, as its reflection reads: in that step
+    /// it is the user's presence, whatever order the other resources' presence (the server's
+    /// answers to our probes) arrives in.
+    mine: Option<String>,
     /// Rooms this tab joined (normalised bare), for [`Allow::RoomToEveryPage`].
     rooms: BTreeSet<String>,
 }
@@ -275,12 +276,24 @@ impl Observer {
     /// Notes a stanza this tab sent (rooms it addressed, answers to subscriptions).
     pub fn sent(&mut self, n: &Names, e: &Element) {
         let Some(to) = e.attr("to") else {
+            if e.is("presence", ns::CLIENT) && e.attr("type").is_none() {
+                let mut reflected = e.clone();
+                reflected.set_attr("from", format!("{}/~", n.user));
+                self.mine = Some(n.norm(&reflected));
+            }
             if e.is("presence", ns::CLIENT) && e.attr("type") == Some("unavailable") {
                 // A client going offline forgets who is online (rooms aside); it learns
                 // again when it comes back.
                 self.last.retain(|k, _| k.starts_with('#'));
-                self.own.clear();
-                self.own_seen = None;
+                // The server reflects it to a real resource; a page going offline while
+                // another stays online changes nothing upstream (SPEC §6.6).
+                self.own_seen = Some(
+                    n.norm(
+                        &Element::new("presence", ns::CLIENT)
+                            .with_attr("from", format!("{}/~", n.user))
+                            .with_attr("type", "unavailable"),
+                    ),
+                );
             }
             return;
         };
@@ -288,13 +301,10 @@ impl Observer {
         if n.is_room(to) {
             self.rooms.insert(bare.clone());
         }
-        if e.is("presence", ns::CLIENT) {
-            match e.attr("type") {
-                Some("subscribed" | "unsubscribed") => {
-                    self.pending.remove(&bare);
-                }
-                _ => {}
-            }
+        if e.is("presence", ns::CLIENT)
+            && matches!(e.attr("type"), Some("subscribed" | "unsubscribed"))
+        {
+            self.pending.remove(&bare);
         }
     }
 
@@ -311,10 +321,10 @@ impl Observer {
         let room_bare = n
             .is_room(from)
             .then(|| n.jid(from.split('/').next().unwrap_or("")));
-        if let (Some(room), true, Some(_)) = (&room_bare, self.daemon_side, self.tab) {
-            if !self.rooms.contains(room) {
-                return (None, Some(Allow::RoomToEveryPage));
-            }
+        if let (Some(room), true, Some(_)) = (&room_bare, self.daemon_side, self.tab)
+            && !self.rooms.contains(room)
+        {
+            return (None, Some(Allow::RoomToEveryPage));
         }
         if e.is("message", ns::CLIENT) {
             return (self.message(n, e, &from_n, room_bare.as_deref()), None);
@@ -393,19 +403,26 @@ impl Observer {
                 });
             }
         }
-        if let (Some(room), Some(subject)) = (room, e.child("subject", ns::CLIENT)) {
-            if e.attr("type") == Some("groupchat") {
-                self.subjects.insert(room.to_owned(), subject.text());
+        // A subject is room state, replayed to a page that joins (SPEC §6.6): compared like
+        // presence.
+        let mut state = false;
+        if let (Some(room), Some(subject)) = (room, e.child("subject", ns::CLIENT))
+            && e.attr("type") == Some("groupchat")
+            && e.child("body", ns::CLIENT).is_none()
+        {
+            if self.subjects.get(room) == Some(&subject.text()) {
+                return None;
             }
+            self.subjects.insert(room.to_owned(), subject.text());
+            state = true;
         }
         let to_full = e.attr("to").is_some_and(|t| n.jid(t) == "U/~");
-        let allow =
-            (self.daemon_side && to_full && room.is_none() && self.tab.is_some_and(|t| t != 0))
-                .then_some(Allow::FullJidMessageToEveryPage);
+        let allow = (self.daemon_side && to_full && self.tab.is_some_and(|t| t != 0))
+            .then_some(Allow::FullJidMessageToEveryPage);
         Some(Ev {
             key: from_n.to_owned(),
             text: n.norm(e),
-            presence: false,
+            presence: state,
             allow,
         })
     }
@@ -426,6 +443,9 @@ impl Observer {
             match kind {
                 None => {
                     self.own.insert(from.to_owned(), text.clone());
+                    if self.mine.as_ref().is_some_and(|m| *m != text) {
+                        return None;
+                    }
                 }
                 _ => {
                     self.own.remove(from);
@@ -455,8 +475,17 @@ impl Observer {
                 self.pending.remove(&bare);
             }
             _ => {
-                if self.last.get(from_n) == Some(&text) {
-                    return None; // the same presence again (another resource's join, a replay)
+                // The same presence again (another resource's join, a replay); "room created"
+                // belongs to the first self-presence only.
+                let created = "<status code='201'></status>";
+                if self.last.get(from_n).map(|t| t.replace(created, ""))
+                    == Some(text.replace(created, ""))
+                {
+                    return None;
+                }
+                if kind == Some("unavailable") && room.is_none() && !self.last.contains_key(from_n)
+                {
+                    return None; // offline, as far as we knew (the server's answer to a probe)
                 }
                 self.last.insert(from_n.to_owned(), text.clone());
                 if let (Some(room), Some("unavailable" | "error")) = (room, kind) {
@@ -499,6 +528,7 @@ pub fn fold(
     let mut out = Vec::new();
     for (o, received) in record.received.iter().enumerate() {
         let obs = &mut observers[o];
+        obs.mine = None;
         if let Some(t) = obs.tab {
             if record.fresh.get(t).copied().unwrap_or(false) {
                 obs.reset();

@@ -128,10 +128,9 @@ impl World {
             c.send(Element::new("presence", ns::CLIENT)).await;
         }
         let mut sent = vec![Vec::new(); self.tabs.len()];
-        for i in 0..self.tabs.len() {
-            let startup = self.startup(i, 0, true);
-            for s in startup {
-                sent[i].push(s.clone());
+        for (i, sent) in sent.iter_mut().enumerate() {
+            for s in self.startup(i, 0, true) {
+                sent.push(s.clone());
                 self.tabs[i].send(s).await;
             }
             self.sync_tab(i).await?;
@@ -222,11 +221,23 @@ impl World {
                 let el = self.stanza(template);
                 match *who {
                     Who::Tab(i) => {
+                        // The tab's first presence after being offline brings the replay
+                        // (SPEC §6.6) in B and the server's probe answers in A.
+                        let back_online = el.is("presence", ns::CLIENT)
+                            && el.attr("to").is_none()
+                            && el.attr("type").is_none()
+                            && self.tracks[i].presence.is_none();
+                        state_only[i] |= back_online;
                         let copies = self.track_send(i, &el);
+                        let several = copies.len() > 1;
                         for (j, s) in copies {
                             state_only[j] |= j != i;
                             sent[j].push(s.clone());
                             self.tabs[j].send(s).await;
+                            if several {
+                                // Different resources: keep the server's order ours.
+                                self.sync_tab(j).await?;
+                            }
                         }
                         self.sync_tab(i).await?;
                     }
@@ -301,6 +312,9 @@ impl World {
                                 let reply = self.answer(a, &id, &asker);
                                 sent[i].push(reply.clone());
                                 self.tabs[i].send(reply).await;
+                                // The daemon has handled this answer before the next page's:
+                                // the order of the answers is the script's, not a race.
+                                self.sync_tab(i).await?;
                             }
                         }
                     }
@@ -486,9 +500,8 @@ impl World {
                 .ok_or_else(|| format!("observer {o} never got barrier {n}"))?;
             received.push(client.log.slice(starts[o], at));
         }
-        for tab in 0..self.tabs.len() {
-            let r = received[tab].clone();
-            self.track_received(tab, &r);
+        for (tab, r) in received.iter().enumerate().take(self.tabs.len()) {
+            self.track_received(tab, r);
         }
         Ok(StepRecord {
             received,
