@@ -318,8 +318,7 @@ impl Rooms {
             room.self_presence = None;
             room.asking.clear();
             room.join.set_attr("from", me.to_string());
-            room.join
-                .set_attr("to", occupant(jid, &room.nick));
+            room.join.set_attr("to", occupant(jid, &room.nick));
             out.push(room.join.clone());
         }
         out
