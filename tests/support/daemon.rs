@@ -361,6 +361,27 @@ impl Page {
         }
     }
 
+    /// The next text frame exactly as received (not parsed), how the socket closed, or `None`
+    /// when nothing came within `limit`. For tests that judge every frame themselves; frames read
+    /// here are not kept in [`Page::seen_frames`] (a long run would hoard them).
+    pub async fn next_text(&mut self, limit: Duration) -> Option<Result<String, Closed>> {
+        loop {
+            let msg = tokio::time::timeout(limit, self.ws.next()).await.ok()?;
+            return Some(match msg {
+                Some(Ok(Message::Text(t))) => Ok(t.to_string()),
+                Some(Ok(Message::Close(frame))) => Err(Closed {
+                    code: frame.map_or(1005, |f| u16::from(f.code)),
+                    frames: Vec::new(),
+                }),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Err(Closed {
+                    code: 1006,
+                    frames: Vec::new(),
+                }),
+            });
+        }
+    }
+
     /// Waits for the socket to close; frames that arrive before are skipped.
     pub async fn closed(&mut self) -> Closed {
         loop {

@@ -1,0 +1,708 @@
+//! The differential fuzz run of SPEC §5 against the real server: seeded, mutated stanzas sent
+//! from one page (and, in the second test, from a contact straight to the server) while another
+//! page of the same user runs a numbered message loop with a contact. Whatever the daemon accepts
+//! and the server refuses, or the server sends and the daemon cannot carry, shows up here as a
+//! re-login, a lost or duplicated loop message, a changed upstream session, or a frame a page's
+//! strict parser refuses.
+//!
+//! Replay: every failure prints its seed and case index; `BOSHMUX_FUZZ_SEED=S BOSHMUX_FUZZ_FIRST=K
+//! BOSHMUX_FUZZ_CASES=1 cargo test --test fuzz_prosody` runs that one case again (with
+//! `scripts/test`'s Prosody, see `scripts/fuzz`). `BOSHMUX_FUZZ_KEEP_GOING=1` records a failure,
+//! starts afresh (new daemon, new pages) and goes on, to survey a seed's failures in one run.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boshmux::bosh::{BoshEvent, BoshSession};
+use boshmux::xmpp::{self, Element, Jid, Limits, ns};
+use parking_lot::Mutex;
+use support::daemon::{Closed, Daemon, Page};
+use support::fuzz::{self, Addresses, Case, Side};
+use support::{Prosody, body_text, chat, prosody};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single expected event may take (a loop message, a ping's answer, a marker).
+const WAIT: Duration = Duration::from_secs(30);
+/// The daemon's default stanza limit, which the generator aims at.
+const STANZA_LIMIT: usize = 256 * 1024;
+/// Cases between two looks at the server's session list (each costs a `prosodyctl` start).
+const SESSION_CHECK_EVERY: u64 = 200;
+
+/// The fixed budget of `scripts/test` (which sets the same values): seed and cases per side.
+const SEED: u64 = 0x5EED_0001;
+const CASES: u64 = 150;
+
+// --- the tests ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn mutated_stanzas_from_a_page_cost_neither_the_session_nor_the_other_page() {
+    page_side(prosody()).await;
+}
+
+#[tokio::test]
+async fn mutated_stanzas_from_a_contact_reach_pages_only_as_strict_xml() {
+    contact_side(prosody()).await;
+}
+
+/// The generator is a pure function of (seed, index) and covers every kind it names.
+#[test]
+fn generator_is_deterministic_and_covers_every_kind() {
+    let addr = addresses("localhost", "g31");
+    for side in [Side::Page, Side::Contact] {
+        let a: Vec<Case> = (0..1000)
+            .map(|i| fuzz::case(7, i, side, &addr, STANZA_LIMIT))
+            .collect();
+        let b: Vec<Case> = (0..1000)
+            .map(|i| fuzz::case(7, i, side, &addr, STANZA_LIMIT))
+            .collect();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.xml == y.xml));
+        assert_ne!(a[0].xml, fuzz::case(8, 0, side, &addr, STANZA_LIMIT).xml);
+        for kind in fuzz::KINDS {
+            if side == Side::Contact && *kind == "bad-address" {
+                continue;
+            }
+            assert!(
+                a.iter().any(|c| c.kinds.contains(kind)),
+                "{side:?}: no case of kind {kind}"
+            );
+        }
+        // Sizes around the limit, both sides of it, are among them.
+        assert!(a.iter().any(|c| c.xml.len() == STANZA_LIMIT));
+        assert!(a.iter().any(|c| c.xml.len() == STANZA_LIMIT + 1));
+        assert!(a.iter().any(|c| c.xml.len() == STANZA_LIMIT - 1));
+        // Many cases are well-formed enough to get past the parser to the checks behind it
+        // (small ones only: a debug build parses the large ones slowly).
+        let small: Vec<&Case> = a.iter().filter(|c| c.xml.len() < 4096).collect();
+        let parsed = small
+            .iter()
+            .filter(|c| xmpp::parse(c.xml.as_bytes(), &Limits::PAGE).is_ok())
+            .count();
+        assert!(
+            parsed > small.len() / 3,
+            "{side:?}: only {parsed} of {} small cases parse",
+            small.len()
+        );
+    }
+}
+
+// --- bodies, generic over the server ------------------------------------------------------------
+
+/// Page side: page 1 sends each case, then a ping; page 2 loops messages with contact `b`.
+async fn page_side(p: Prosody) {
+    let mut failures = Vec::new();
+    for run in runs() {
+        eprintln!(
+            "fuzz page side: seed {:#x}, cases {}..{}",
+            run.seed,
+            run.first,
+            run.first + run.cases
+        );
+        let started = Instant::now();
+        let mut world = World::start(&p, "g31").await;
+        let mut k = run.first;
+        while k < run.first + run.cases {
+            let case = fuzz::case(run.seed, k, Side::Page, &world.addr, STANZA_LIMIT);
+            let outcome = world.page_case(&case).await;
+            let outcome = match outcome {
+                Ok(()) => world.health(&p, k).await,
+                Err(e) => Err(e),
+            };
+            if let Err(fault) = outcome {
+                failures.push(report(&case, &fault));
+                if !keep_going() {
+                    break;
+                }
+                world.stop().await;
+                world = World::start(&p, "g31").await;
+            }
+            k += 1;
+        }
+        if failures.is_empty() || keep_going() {
+            let rounds = world.finish(&p).await;
+            if let Err(fault) = rounds.as_ref() {
+                failures.push(format!("after the run: {fault}"));
+            }
+            eprintln!(
+                "fuzz page side: seed {:#x}: {} cases in {:.1} s, {} loop rounds, {} failures",
+                run.seed,
+                run.cases,
+                started.elapsed().as_secs_f64(),
+                rounds.unwrap_or(0),
+                failures.len()
+            );
+        }
+        if !failures.is_empty() && !keep_going() {
+            break;
+        }
+    }
+    assert!(failures.is_empty(), "{}", summary(&failures));
+}
+
+/// Contact side: contact `c` sends each case to the user straight over BOSH, then a marker
+/// message; page 1 waits for the marker; page 2 loops messages with contact `b`.
+async fn contact_side(p: Prosody) {
+    let mut failures = Vec::new();
+    let mut refused = std::collections::BTreeMap::<&str, u64>::new();
+    for run in runs() {
+        eprintln!(
+            "fuzz contact side: seed {:#x}, cases {}..{}",
+            run.seed,
+            run.first,
+            run.first + run.cases
+        );
+        let started = Instant::now();
+        let mut world = World::start(&p, "g32").await;
+        let (c_jid, c_pw) = p.user("g32c");
+        let mut sender = RawBosh::login(&p, &c_jid, &c_pw).await;
+        for k in run.first..run.first + run.cases {
+            let case = fuzz::case(run.seed, k, Side::Contact, &world.addr, STANZA_LIMIT);
+            let outcome = world
+                .contact_case(&p, &mut sender, &c_jid, &c_pw, &case, &mut refused)
+                .await;
+            let outcome = match outcome {
+                Ok(()) => world.health(&p, k).await,
+                Err(e) => Err(e),
+            };
+            if let Err(fault) = outcome {
+                failures.push(report(&case, &fault));
+                if !keep_going() {
+                    break;
+                }
+                world.stop().await;
+                world = World::start(&p, "g32").await;
+            }
+        }
+        if failures.is_empty() || keep_going() {
+            let rounds = world.finish(&p).await;
+            if let Err(fault) = rounds.as_ref() {
+                failures.push(format!("after the run: {fault}"));
+            }
+            eprintln!(
+                "fuzz contact side: seed {:#x}: {} cases in {:.1} s, {} loop rounds, {} failures; \
+                 refused by the server (the contact logged in again): {refused:?}",
+                run.seed,
+                run.cases,
+                started.elapsed().as_secs_f64(),
+                rounds.unwrap_or(0),
+                failures.len()
+            );
+        }
+        if !failures.is_empty() && !keep_going() {
+            break;
+        }
+    }
+    assert!(failures.is_empty(), "{}", summary(&failures));
+}
+
+// --- budget --------------------------------------------------------------------------------------
+
+struct Run {
+    seed: u64,
+    first: u64,
+    cases: u64,
+}
+
+/// The run to make: `BOSHMUX_FUZZ_SEED`, `BOSHMUX_FUZZ_CASES` and `BOSHMUX_FUZZ_FIRST` (decimal
+/// or `0x` hex) where set, the fixed budget otherwise.
+fn runs() -> Vec<Run> {
+    let var = |name: &str, default: u64| {
+        std::env::var(name).map_or(default, |v| {
+            let v = v.trim();
+            v.strip_prefix("0x")
+                .map_or_else(|| v.parse(), |hex| u64::from_str_radix(hex, 16))
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+        })
+    };
+    vec![Run {
+        seed: var("BOSHMUX_FUZZ_SEED", SEED),
+        first: var("BOSHMUX_FUZZ_FIRST", 0),
+        cases: var("BOSHMUX_FUZZ_CASES", CASES),
+    }]
+}
+
+fn keep_going() -> bool {
+    std::env::var("BOSHMUX_FUZZ_KEEP_GOING").is_ok_and(|v| v == "1")
+}
+
+fn addresses(domain: &str, group: &str) -> Addresses {
+    Addresses {
+        bare: format!("{group}a@{domain}"),
+        full: format!("{group}a@{domain}/boshmux"),
+        domain: domain.to_owned(),
+        other: format!("{group}c@{domain}"),
+        stranger: format!("nobody@{domain}"),
+    }
+}
+
+/// One failure, printed with everything needed to replay it; the whole stanza goes to a file.
+fn report(case: &Case, fault: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(format!("{:#x}-{}.xml", case.seed, case.index));
+    let _ = std::fs::write(&file, &case.xml);
+    let line = format!(
+        "seed {:#x} case {} [{}]: {fault}\n  stanza ({} bytes, saved to {}): {}\n  replay: \
+         BOSHMUX_FUZZ_SEED={:#x} BOSHMUX_FUZZ_FIRST={} BOSHMUX_FUZZ_CASES=1 cargo test --test \
+         fuzz_prosody",
+        case.seed,
+        case.index,
+        case.kinds.join(","),
+        case.xml.len(),
+        file.display(),
+        fuzz::excerpt(&case.xml),
+        case.seed,
+        case.index,
+    );
+    eprintln!("FUZZ FAILURE {line}");
+    line
+}
+
+fn summary(failures: &[String]) -> String {
+    format!(
+        "{} fuzz failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    )
+}
+
+// --- the world of one run: daemon, pages, loop -----------------------------------------------
+
+/// What went wrong, in words a report can carry.
+type Fault = String;
+
+struct World {
+    d: Daemon,
+    addr: Addresses,
+    bare: Jid,
+    user: String,
+    token: String,
+    /// Page 1: sends the cases (page side) or waits for markers (contact side).
+    page: Option<Page>,
+    /// Stops the loop; the loop's verdict.
+    stop: CancellationToken,
+    loop_task: JoinHandle<Result<u64, Fault>>,
+    loop_fault: Arc<Mutex<Option<Fault>>>,
+    /// Pages closed by their own stanza (stream error + 1008), page side.
+    closed_pages: u64,
+}
+
+impl World {
+    async fn start(p: &Prosody, group: &str) -> World {
+        let d = Daemon::start(&p.bosh, &p.domain, |c| {
+            // The page sends as fast as the server answers; the rate limit is not under test.
+            c.limits.page_send_rate = 100_000;
+        })
+        .await;
+        let user = format!("{group}a");
+        let (bare, pw) = p.user(&user);
+        let h = d.handoff(&user, &pw).await;
+        let addr = addresses(&p.domain, group);
+        support::eventually("one upstream session", WAIT, || {
+            let s = p.sessions_of(&bare);
+            let full = addr.full.clone();
+            async move { (s == [full]).then_some(()) }
+        })
+        .await;
+        let mut page = d.page(&user, &h.token).await;
+        notices(&mut page).await;
+        let mut loop_page = d.page(&user, &h.token).await;
+        notices(&mut loop_page).await;
+        let b = p.contact(&format!("{group}b"), "loop").await;
+        let stop = CancellationToken::new();
+        let loop_fault = Arc::new(Mutex::new(None));
+        let loop_task = tokio::spawn(message_loop(
+            loop_page,
+            b,
+            addr.full.clone(),
+            stop.clone(),
+            loop_fault.clone(),
+        ));
+        World {
+            d,
+            addr,
+            bare,
+            user,
+            token: h.token,
+            page: Some(page),
+            stop,
+            loop_task,
+            loop_fault,
+            closed_pages: 0,
+        }
+    }
+
+    /// Page 1, open and bound (a page closed by its last case is replaced).
+    async fn page(&mut self) -> &mut Page {
+        if self.page.is_none() {
+            let mut page = self.d.page(&self.user, &self.token).await;
+            notices(&mut page).await;
+            self.page = Some(page);
+        }
+        self.page.as_mut().expect("just opened")
+    }
+
+    /// Sends `case` from page 1, then a ping: the case has been handled once the ping's answer
+    /// is back (or page 1 was closed for it, with a stream error and 1008).
+    async fn page_case(&mut self, case: &Case) -> Result<(), Fault> {
+        let id = format!("fz-{}", case.index);
+        let domain = self.addr.domain.clone();
+        let page = self.page().await;
+        page.send_raw(&case.xml).await;
+        page.send_raw(&format!(
+            "<iq xmlns='jabber:client' type='get' id='{id}' to='{domain}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ))
+        .await;
+        let found = watch(page, "the ping after the case", |e| {
+            e.is("iq", ns::CLIENT) && e.attr("id") == Some(id.as_str())
+        })
+        .await;
+        match found {
+            Ok(_) => Ok(()),
+            Err(Watched::Closed(c)) => {
+                self.page = None;
+                self.closed_pages += 1;
+                let stream_error = c.frames.iter().any(|f| f.contains("stream:error"));
+                if c.code == 1008 && stream_error {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the page that sent it was closed with {} without a stream error ({:?})",
+                        c.code, c.frames
+                    ))
+                }
+            }
+            Err(Watched::Fault(f)) => Err(format!("page 1: {f}")),
+        }
+    }
+
+    /// Sends `case` from contact `c` straight to the server, then a marker message; page 1
+    /// waits for the marker. A case the server refuses ends the contact's own session: it is
+    /// counted and the contact logs in again.
+    async fn contact_case(
+        &mut self,
+        p: &Prosody,
+        sender: &mut RawBosh,
+        c_jid: &Jid,
+        c_pw: &str,
+        case: &Case,
+        refused: &mut std::collections::BTreeMap<&'static str, u64>,
+    ) -> Result<(), Fault> {
+        let mark = format!("mark {}", case.index);
+        let marker = chat(&self.addr.full, &mark).to_xml();
+        if sender.send(&case.xml).await.is_err() {
+            *sender = RawBosh::login(p, c_jid, c_pw).await;
+        }
+        if sender.send(&marker).await.is_err() {
+            // The server refused the case (the marker's request answered that).
+            for k in &case.kinds {
+                *refused.entry(k).or_default() += 1;
+            }
+            *sender = RawBosh::login(p, c_jid, c_pw).await;
+            sender
+                .send(&marker)
+                .await
+                .map_err(|e| format!("the contact's fresh session refused a plain message: {e}"))?;
+        }
+        let page = self.page().await;
+        let got = watch(page, "the contact's marker", |e| {
+            e.is("message", ns::CLIENT) && body_text(e).as_deref() == Some(mark.as_str())
+        })
+        .await;
+        match got {
+            Ok(_) => Ok(()),
+            Err(Watched::Closed(c)) => Err(format!("page 1 was closed: {c:?}")),
+            Err(Watched::Fault(f)) => Err(format!("page 1: {f}")),
+        }
+    }
+
+    /// The shared session is the one it was: the loop is fine, no re-login, one login, and now
+    /// and then the server's session list shows the same single session.
+    async fn health(&mut self, p: &Prosody, k: u64) -> Result<(), Fault> {
+        if let Some(f) = self.loop_fault.lock().clone() {
+            return Err(format!("the message loop on page 2: {f}"));
+        }
+        let (logins, relogins) = self.logins().await;
+        if relogins != 0 || logins != 1 {
+            return Err(format!(
+                "the daemon logged in again (logins {logins}, re-logins {relogins})"
+            ));
+        }
+        if k % SESSION_CHECK_EVERY == SESSION_CHECK_EVERY - 1 {
+            self.same_upstream(p)?;
+        }
+        Ok(())
+    }
+
+    fn same_upstream(&self, p: &Prosody) -> Result<(), Fault> {
+        let sessions = p.sessions_of(&self.bare);
+        if sessions != [self.addr.full.clone()] {
+            return Err(format!(
+                "the server shows {sessions:?} for the user, not just {}",
+                self.addr.full
+            ));
+        }
+        Ok(())
+    }
+
+    /// `boshmux_logins_total` and `boshmux_relogins_total` from `/metrics`.
+    async fn logins(&self) -> (u64, u64) {
+        let text = reqwest::get(self.d.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        };
+        (
+            value("boshmux_logins_total"),
+            value("boshmux_relogins_total"),
+        )
+    }
+
+    /// Ends the run: stops the loop after its current round, checks the session a last time,
+    /// stops the daemon. Returns the loop's rounds.
+    async fn finish(mut self, p: &Prosody) -> Result<u64, Fault> {
+        self.stop.cancel();
+        let rounds = (&mut self.loop_task).await.expect("loop task")?;
+        if rounds < 2 {
+            return Err(format!("the message loop made only {rounds} rounds"));
+        }
+        self.same_upstream(p)?;
+        let (logins, relogins) = self.logins().await;
+        if relogins != 0 || logins != 1 {
+            return Err(format!(
+                "the daemon logged in again (logins {logins}, re-logins {relogins})"
+            ));
+        }
+        let info = self.d.info(&self.bare.to_string()).await;
+        if info["slow_pages"] != 0 {
+            return Err(format!("pages were closed as slow: {info}"));
+        }
+        eprintln!(
+            "  pages closed by their own stanza: {}; session: {info}",
+            self.closed_pages
+        );
+        self.d.stop().await;
+        Ok(rounds)
+    }
+
+    /// Tears down after a failure (keep-going mode).
+    async fn stop(self) {
+        self.stop.cancel();
+        self.loop_task.abort();
+        self.d.stop().await;
+    }
+}
+
+/// Opts `page` in to status notices, so a re-login shows on it at once.
+async fn notices(page: &mut Page) {
+    let reply = page
+        .iq(Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("id", "notices")
+            .with_child(Element::new("enable", ns::BOSHMUX_STATUS)))
+        .await;
+    assert_eq!(reply.attr("type"), Some("result"), "{reply}");
+}
+
+enum Watched {
+    Closed(Closed),
+    Fault(Fault),
+}
+
+/// Reads page frames until one satisfies `want`. Every frame must be one the strict parser
+/// accepts with page limits; a status notice (the upstream session went away) is a fault, and
+/// so is silence for [`WAIT`].
+async fn watch(
+    page: &mut Page,
+    what: &str,
+    want: impl Fn(&Element) -> bool,
+) -> Result<Element, Watched> {
+    let mut stream_errors = Vec::new();
+    loop {
+        let text = match page.next_text(WAIT).await {
+            None => {
+                return Err(Watched::Fault(format!(
+                    "nothing for {} s while waiting for {what}",
+                    WAIT.as_secs()
+                )));
+            }
+            Some(Err(mut closed)) => {
+                closed.frames = stream_errors;
+                return Err(Watched::Closed(closed));
+            }
+            Some(Ok(t)) => t,
+        };
+        let el = strict(&text).map_err(Watched::Fault)?;
+        if el.is("error", ns::STREAM) {
+            stream_errors.push(text);
+            continue;
+        }
+        if let Some(status) = el.child("status", ns::BOSHMUX_STATUS) {
+            return Err(Watched::Fault(format!(
+                "status notice {:?}: the upstream session was lost",
+                status.attr("state")
+            )));
+        }
+        if want(&el) {
+            return Ok(el);
+        }
+    }
+}
+
+/// The strict parser's verdict on a frame a page received.
+fn strict(text: &str) -> Result<Element, Fault> {
+    xmpp::parse(text.as_bytes(), &Limits::PAGE).map_err(|e| {
+        format!(
+            "a page received a frame the strict parser refuses ({e}): {}",
+            fuzz::excerpt(text)
+        )
+    })
+}
+
+// --- the message loop ----------------------------------------------------------------------------
+
+/// Page 2 sends `loop N` to contact `b`, `b` answers `ack N` to the user's full JID; each must
+/// arrive once and in order. Runs until `stop`, finishing the round in progress; a fault is
+/// recorded in `fault` at once (the fuzzing side looks after every case) and ends the loop.
+async fn message_loop(
+    mut page: Page,
+    mut b: BoshSession,
+    full: String,
+    stop: CancellationToken,
+    fault: Arc<Mutex<Option<Fault>>>,
+) -> Result<u64, Fault> {
+    let result = async {
+        let b_bare = b.jid.to_bare().to_string();
+        let a_bare = Jid::parse(&full).unwrap().to_bare().to_string();
+        let mut n = 0u64;
+        while !stop.is_cancelled() {
+            n += 1;
+            page.send(&chat(&b_bare, &format!("loop {n}"))).await;
+            let got = contact_message(&mut b, &a_bare, "loop ").await?;
+            if got != n {
+                return Err(format!("contact got loop {got} while expecting loop {n}"));
+            }
+            b.handle
+                .send(chat(&full, &format!("ack {n}")))
+                .await
+                .map_err(|e| format!("contact's session: {e}"))?;
+            let reply = watch(&mut page, "a loop ack", |e| {
+                e.is("message", ns::CLIENT)
+                    && e.attr("from").is_some_and(|f| f.starts_with(&b_bare))
+                    && body_text(e).is_some_and(|t| t.starts_with("ack "))
+            })
+            .await
+            .map_err(|w| match w {
+                Watched::Closed(c) => format!("page 2 was closed: {c:?}"),
+                Watched::Fault(f) => f,
+            })?;
+            let got = body_text(&reply).unwrap_or_default();
+            if got != format!("ack {n}") {
+                return Err(format!("page 2 got {got:?} while expecting \"ack {n}\""));
+            }
+        }
+        Ok(n)
+    }
+    .await;
+    if let Err(f) = &result {
+        *fault.lock() = Some(f.clone());
+    }
+    result
+}
+
+/// The number in the next `prefix N` message from `from` to contact `b`.
+async fn contact_message(b: &mut BoshSession, from: &str, prefix: &str) -> Result<u64, Fault> {
+    loop {
+        let event = tokio::time::timeout(WAIT, b.events.recv())
+            .await
+            .map_err(|_| format!("contact got no {prefix:?} message for {} s", WAIT.as_secs()))?;
+        match event {
+            Some(BoshEvent::Stanza(s)) => {
+                if s.is("message", ns::CLIENT)
+                    && s.attr("from").is_some_and(|f| f.starts_with(from))
+                    && let Some(n) = body_text(&s)
+                        .and_then(|t| t.strip_prefix(prefix).and_then(|n| n.parse().ok()))
+                {
+                    return Ok(n);
+                }
+            }
+            Some(BoshEvent::Ended(e)) => return Err(format!("contact's session ended: {e:?}")),
+            None => return Err("contact's session ended".into()),
+            Some(_) => {}
+        }
+    }
+}
+
+// --- a contact's raw BOSH session ----------------------------------------------------------------
+
+/// A contact logged in straight over BOSH that sends stanzas as raw bytes, so the server parses
+/// exactly what the generator wrote. One request is always held; each new request releases the
+/// previous one, whose answer tells whether the server ended the session.
+struct RawBosh {
+    http: reqwest::Client,
+    url: String,
+    sid: String,
+    rid: u64,
+    held: Option<JoinHandle<Result<String, String>>>,
+}
+
+impl RawBosh {
+    async fn login(p: &Prosody, jid: &Jid, pw: &str) -> RawBosh {
+        let (_, sid, rid) = support::raw_login(&p.bosh, jid, pw, "fuzz").await;
+        RawBosh {
+            http: reqwest::Client::new(),
+            url: p.bosh.clone(),
+            sid,
+            rid,
+            held: None,
+        }
+    }
+
+    /// Sends `stanza`; `Err` when the answer to the previous request ended the session.
+    async fn send(&mut self, stanza: &str) -> Result<(), String> {
+        let body = format!(
+            "<body xmlns='http://jabber.org/protocol/httpbind' rid='{}' sid='{}'>{stanza}</body>",
+            self.rid, self.sid
+        );
+        self.rid += 1;
+        let http = self.http.clone();
+        let url = self.url.clone();
+        let next = tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            resp.text().await.map_err(|e| e.to_string())
+        });
+        let Some(previous) = self.held.replace(next) else {
+            return Ok(());
+        };
+        let answer = tokio::time::timeout(WAIT, previous)
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .expect("request task")?;
+        let head = &answer[..answer.find('>').unwrap_or(answer.len())];
+        if head.contains("type='terminate'") || head.contains("type=\"terminate\"") {
+            return Err(head.to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RawBosh {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            h.abort();
+        }
+    }
+}
