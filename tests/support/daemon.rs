@@ -307,6 +307,12 @@ impl Page {
         self.ws.send(Message::Text(text.into())).await.unwrap();
     }
 
+    /// Like [`Page::send_raw`], for a sender that expects the socket may already be closed
+    /// (by its previous frame): `false` when the frame could not be sent.
+    pub async fn try_send_raw(&mut self, text: &str) -> bool {
+        self.ws.send(Message::Text(text.into())).await.is_ok()
+    }
+
     /// Sends any WebSocket message (binary, raw frames) as it is.
     pub async fn send_message(&mut self, msg: Message) {
         self.ws.send(msg).await.unwrap();

@@ -530,7 +530,9 @@ impl Gen<'_> {
         if self.take("non-ascii-name", 50) {
             return self.rng.pick(NON_ASCII_NAMES).to_owned();
         }
-        if self.take("astral", 30) {
+        if self.is_on("astral") && self.rng.chance(30) {
+            // Astral letters in names are non-ASCII names too.
+            self.kinds.push("non-ascii-name");
             return self.rng.pick(ASTRAL_NAMES).to_owned();
         }
         if self.take("colon-name", 50) {
@@ -547,6 +549,7 @@ impl Gen<'_> {
                 4 => "a:b:c".to_owned(),
                 5 => ":x".to_owned(),
                 _ => {
+                    self.kinds.push("non-ascii-name");
                     decls.push_str(" xmlns:ș='urn:x:non-ascii-prefix'");
                     "ș:x".to_owned()
                 }
@@ -634,7 +637,7 @@ impl Gen<'_> {
             .rng
             .pick(&[&"<i/>", &"<i>x</i>", &"<i xmlns='urn:x:w'/>", &"<𝒳/>"]);
         if child.contains('𝒳') {
-            self.kinds.push("astral");
+            self.kinds.push("non-ascii-name");
         }
         let fill = self.rng.range(room / 10, room.max(1));
         let count = fill.saturating_sub(32) / child.len();
