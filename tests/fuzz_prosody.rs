@@ -117,7 +117,7 @@ async fn page_side(p: Prosody) {
                 Err(e) => Err(e),
             };
             if let Err(fault) = outcome {
-                failures.push(report(&case, &fault));
+                failures.push(report(Side::Page, &case, &fault));
                 if !keep_going() {
                     break;
                 }
@@ -176,7 +176,7 @@ async fn contact_side(p: Prosody) {
                 Err(e) => Err(e),
             };
             if let Err(fault) = outcome {
-                failures.push(report(&case, &fault));
+                failures.push(report(Side::Contact, &case, &fault));
                 if !keep_going() {
                     break;
                 }
@@ -264,15 +264,15 @@ fn addresses(domain: &str, group: &str) -> Addresses {
 }
 
 /// One failure, printed with everything needed to replay it; the whole stanza goes to a file.
-fn report(case: &Case, fault: &str) -> String {
+fn report(side: Side, case: &Case, fault: &str) -> String {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
     let _ = std::fs::create_dir_all(&dir);
-    let file = dir.join(format!("{:#x}-{}.xml", case.seed, case.index));
+    let file = dir.join(format!("{side:?}-{:#x}-{}.xml", case.seed, case.index));
     let _ = std::fs::write(&file, &case.xml);
     let line = format!(
-        "seed {:#x} case {} [{}]: {fault}\n  stanza ({} bytes, saved to {}): {}\n  replay: \
+        "{side:?} side, seed {:#x} case {} [{}]: {fault}\n  stanza ({} bytes, saved to {}): {}\n  replay: \
          BOSHMUX_FUZZ_SEED={:#x} BOSHMUX_FUZZ_FIRST={} BOSHMUX_FUZZ_CASES=1 cargo test --test \
-         fuzz_prosody",
+         fuzz_prosody {}",
         case.seed,
         case.index,
         case.kinds.join(","),
@@ -281,6 +281,10 @@ fn report(case: &Case, fault: &str) -> String {
         fuzz::excerpt(&case.xml),
         case.seed,
         case.index,
+        match side {
+            Side::Page => "mutated_stanzas_from_a_page",
+            Side::Contact => "mutated_stanzas_from_a_contact",
+        },
     );
     eprintln!("FUZZ FAILURE {line}");
     line
