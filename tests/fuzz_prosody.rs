@@ -35,7 +35,7 @@ const SESSION_CHECK_EVERY: u64 = 200;
 
 /// The fixed budget of `scripts/test` (which sets the same values): seed and cases per side.
 const SEED: u64 = 0x5EED_0001;
-const CASES: u64 = 60;
+const CASES: u64 = 40;
 /// Cases of [`SEED`] that found a fault on the way here, sent first: each kind the run has
 /// found stays in the fixed budget.
 const PINNED_PAGE: &[u64] = &[3, 22, 34, 122, 137, 172, 226];
@@ -438,7 +438,10 @@ impl World {
     /// and then the server's session list shows the same single session.
     async fn health(&mut self, p: &Prosody, k: u64) -> Result<(), Fault> {
         if let Some(f) = self.loop_fault.lock().clone() {
-            return Err(format!("the message loop on page 2: {f}"));
+            return Err(format!(
+                "the message loop on page 2 (it reads on its own, so the culprit may be the case \
+                 before): {f}"
+            ));
         }
         let (logins, relogins) = self.logins().await;
         if relogins != 0 || logins != 1 {
@@ -487,7 +490,8 @@ impl World {
     async fn finish(mut self, p: &Prosody) -> Result<u64, Fault> {
         self.stop.cancel();
         let rounds = (&mut self.loop_task).await.expect("loop task")?;
-        if rounds < 2 {
+        // (A fresh daemon of the keep-going mode may have seen only the last case or two.)
+        if rounds < 2 && !keep_going() {
             return Err(format!("the message loop made only {rounds} rounds"));
         }
         self.same_upstream(p)?;
