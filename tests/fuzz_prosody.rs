@@ -36,10 +36,20 @@ const SESSION_CHECK_EVERY: u64 = 200;
 /// The fixed budget of `scripts/test` (which sets the same values): seed and cases per side.
 const SEED: u64 = 0x5EED_0001;
 const CASES: u64 = 40;
-/// Cases of [`SEED`] that found a fault on the way here, sent first: each kind the run has
+/// Cases (seed, index) that found a fault on the way here, sent first: each kind the run has
 /// found stays in the fixed budget.
-const PINNED_PAGE: &[u64] = &[3, 22, 34, 122, 137, 172, 226];
-const PINNED_CONTACT: &[u64] = &[117];
+const PINNED_PAGE: &[(u64, u64)] = &[
+    (SEED, 3),
+    (SEED, 22),
+    (SEED, 34),
+    (SEED, 122),
+    (SEED, 137),
+    (SEED, 172),
+    (SEED, 226),
+    (0xC0FFEE, 158),
+    (0xC0FFEE, 161),
+];
+const PINNED_CONTACT: &[(u64, u64)] = &[(SEED, 117), (0xC0FFEE, 83)];
 
 // --- the tests ---------------------------------------------------------------------------------
 
@@ -108,11 +118,10 @@ async fn contact_side(p: Prosody) {
 }
 
 /// One run of cases from `side`, with the accounts of test group `group`.
-async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[u64]) {
+async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[(u64, u64)]) {
     let run = run(pinned);
     eprintln!(
-        "fuzz {side:?} side: seed {:#x}, {} cases ({})",
-        run.seed,
+        "fuzz {side:?} side: {} cases ({})",
         run.cases.len(),
         run.what
     );
@@ -125,8 +134,8 @@ async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[u64]) {
         Side::Page => None,
         Side::Contact => Some(RawBosh::login(p, &c_jid, &c_pw).await),
     };
-    for (n, &k) in run.cases.iter().enumerate() {
-        let case = fuzz::case(run.seed, k, side, &world.addr, STANZA_LIMIT);
+    for (n, &(seed, k)) in run.cases.iter().enumerate() {
+        let case = fuzz::case(seed, k, side, &world.addr, STANZA_LIMIT);
         if skipped(&case) {
             continue;
         }
@@ -163,9 +172,9 @@ async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[u64]) {
             failures.push(format!("after the run: {fault}"));
         }
         eprintln!(
-            "fuzz {side:?} side: seed {:#x}: {} cases in {:.1} s, {} loop rounds (last daemon), \
+            "fuzz {side:?} side: {}: {} cases in {:.1} s, {} loop rounds (last daemon), \
              {} failures",
-            run.seed,
+            run.what,
             run.cases.len(),
             started.elapsed().as_secs_f64(),
             rounds.unwrap_or(0),
@@ -184,15 +193,15 @@ async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[u64]) {
 
 /// Which cases to send.
 struct Run {
-    seed: u64,
-    cases: Vec<u64>,
+    /// (seed, index) of each case.
+    cases: Vec<(u64, u64)>,
     what: String,
 }
 
 /// The run to make: `BOSHMUX_FUZZ_SEED`, `BOSHMUX_FUZZ_CASES` and `BOSHMUX_FUZZ_FIRST` (decimal
-/// or `0x` hex) where any is set; otherwise the fixed budget: the `pinned` cases of [`SEED`],
-/// then its first [`CASES`].
-fn run(pinned: &[u64]) -> Run {
+/// or `0x` hex) where any is set; otherwise the fixed budget: the `pinned` cases, then the first
+/// [`CASES`] of [`SEED`].
+fn run(pinned: &[(u64, u64)]) -> Run {
     let var = |name: &str| {
         std::env::var(name).ok().map(|v| {
             let v = v.trim().to_owned();
@@ -207,19 +216,28 @@ fn run(pinned: &[u64]) -> Run {
         var("BOSHMUX_FUZZ_FIRST"),
     );
     if seed.is_some() || cases.is_some() || first.is_some() {
-        let (first, cases) = (first.unwrap_or(0), cases.unwrap_or(CASES));
+        let (seed, first, cases) = (
+            seed.unwrap_or(SEED),
+            first.unwrap_or(0),
+            cases.unwrap_or(CASES),
+        );
         return Run {
-            seed: seed.unwrap_or(SEED),
-            cases: (first..first + cases).collect(),
-            what: format!("{first}..{}", first + cases),
+            cases: (first..first + cases).map(|k| (seed, k)).collect(),
+            what: format!("seed {seed:#x}, cases {first}..{}", first + cases),
         };
     }
     let mut list = pinned.to_vec();
-    list.extend((0..CASES).filter(|k| !pinned.contains(k)));
+    list.extend(
+        (0..CASES)
+            .map(|k| (SEED, k))
+            .filter(|c| !pinned.contains(c)),
+    );
     Run {
-        seed: SEED,
         cases: list,
-        what: format!("pinned {pinned:?}, then 0..{CASES}"),
+        what: format!(
+            "{} pinned cases, then seed {SEED:#x} cases 0..{CASES}",
+            pinned.len()
+        ),
     }
 }
 
