@@ -339,6 +339,12 @@ impl Page {
         self.ws.send(Message::Text(text.into())).await.unwrap();
     }
 
+    /// Like [`Page::send_raw`], for a sender that expects the socket may already be closed
+    /// (by its previous frame): `false` when the frame could not be sent.
+    pub async fn try_send_raw(&mut self, text: &str) -> bool {
+        self.ws.send(Message::Text(text.into())).await.is_ok()
+    }
+
     /// Sends any WebSocket message (binary, raw frames) as it is.
     pub async fn send_message(&mut self, msg: Message) {
         self.ws.send(msg).await.unwrap();
@@ -390,6 +396,27 @@ impl Page {
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return Err(Closed { code: 1006, frames }),
             }
+        }
+    }
+
+    /// The next text frame exactly as received (not parsed), how the socket closed, or `None`
+    /// when nothing came within `limit`. For tests that judge every frame themselves; frames read
+    /// here are not kept in [`Page::seen_frames`] (a long run would hoard them).
+    pub async fn next_text(&mut self, limit: Duration) -> Option<Result<String, Closed>> {
+        loop {
+            let msg = tokio::time::timeout(limit, self.ws.next()).await.ok()?;
+            return Some(match msg {
+                Some(Ok(Message::Text(t))) => Ok(t.to_string()),
+                Some(Ok(Message::Close(frame))) => Err(Closed {
+                    code: frame.map_or(1005, |f| u16::from(f.code)),
+                    frames: Vec::new(),
+                }),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Err(Closed {
+                    code: 1006,
+                    frames: Vec::new(),
+                }),
+            });
         }
     }
 
