@@ -1,8 +1,9 @@
 //! HTTP serving: the router ([`app`]), the handoff API for the web app's server ([`api`]), the
-//! WebSocket endpoint for pages ([`ws`]), metrics and the status page ([`status`]), and the JSON
+//! WebSocket endpoint for pages ([`ws`]), the BOSH endpoint for pages ([`bosh`]), metrics and the status page ([`status`]), and the JSON
 //! error type ([`error`]).
 
 pub mod api;
+pub mod bosh;
 pub mod error;
 pub mod status;
 pub mod ws;
@@ -36,6 +37,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every page task, so a stop can wait for them (axum does not track upgraded sockets).
     pub pages: TaskTracker,
+    /// The virtual BOSH sessions of pages that speak BOSH (SPEC §4b).
+    pub bosh_pages: Arc<crate::page::bosh::BoshPages>,
     next_page: AtomicU64,
     upgrades: Mutex<Bucket>,
 }
@@ -50,6 +53,7 @@ impl AppState {
             stopping: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             pages: TaskTracker::new(),
+            bosh_pages: Arc::default(),
             next_page: AtomicU64::new(1),
             upgrades: Mutex::new(Bucket {
                 tokens: rate,
@@ -99,6 +103,10 @@ impl Shared {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/ws", get(ws::upgrade))
+        .route(
+            "/http-bind",
+            axum::routing::post(bosh::request).options(bosh::preflight),
+        )
         .route("/handoff", get(api::handoff))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(status::metrics))

@@ -1,6 +1,7 @@
 //! Shared test support: the Prosody started by `scripts/test`, and small waiting helpers.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
 
+pub mod bosh_page;
 pub mod daemon;
 pub mod node;
 
