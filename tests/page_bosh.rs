@@ -387,7 +387,12 @@ async fn a_prebind_logs_in_and_a_page_attaches_with_its_sid_and_rid() {
 #[tokio::test]
 async fn prebind_called_in_a_loop_never_leaves_more_than_pages_per_user() {
     let f = fake().await;
-    let d = daemon(&f, |c| c.limits.pages_per_user = 4).await;
+    // The loop is long on a busy machine: pages must not time out meanwhile.
+    let d = daemon(&f, |c| {
+        c.limits.pages_per_user = 4;
+        c.limits.ws_dead_peer_timeout = Duration::from_secs(600);
+    })
+    .await;
     let h = d.handoff("u0", "p0").await;
     let _attached = d.page("u0", &h.token).await;
     // A Converse tab that cannot reach /http-bind calls prebind_url again and again.
@@ -555,7 +560,7 @@ async fn bosh_and_websocket_pages_share_one_session(p: support::Prosody) {
     };
     let c2 = b2.next_message().await;
     assert_eq!(inner_of(&c2).as_deref(), Some("from bosh tab"), "{c2}");
-    let c3 = ws.next_message().await;
+    let c3 = ws.next_where(|e| e.is("message", ns::CLIENT)).await;
     assert_eq!(inner_of(&c3).as_deref(), Some("from bosh tab"), "{c3}");
 
     // iq routing: the same id from a BOSH page and the WebSocket page, each gets its own answer.

@@ -9,7 +9,8 @@ use boshmux::xmpp::{self, Element, Limits, ns};
 
 use super::daemon::Daemon;
 
-const LIMIT: Duration = Duration::from_secs(20);
+/// Longer than the longest `wait` the daemon grants (60 s).
+const LIMIT: Duration = Duration::from_secs(90);
 
 /// An HTTP answer: status, headers, body text.
 pub struct Answer {
