@@ -8,5 +8,6 @@ urlpatterns = [
     path("logout", views.logout),
     path("prebind", views.prebind),
     path("converse", views.converse),
-    path("static/<path:name>", views.static),
+    path("static/strophe.js", views.strophe),
+    path("converse-dist/<path:name>", views.converse_dist),
 ]

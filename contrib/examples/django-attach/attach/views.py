@@ -12,11 +12,8 @@ from django.shortcuts import render
 
 NODE_MODULES = Path(settings.BASE_DIR) / "node_modules"
 # The browser files the pages load, served from the npm packages (no CDN).
-STATIC = {
-    "strophe.js": NODE_MODULES / "strophe.js/dist/strophe.umd.min.js",
-    "converse.min.js": NODE_MODULES / "converse.js/dist/converse.min.js",
-    "converse.min.css": NODE_MODULES / "converse.js/dist/converse.min.css",
-}
+STROPHE = NODE_MODULES / "strophe.js/dist/strophe.umd.min.js"
+CONVERSE_DIST = (NODE_MODULES / "converse.js/dist").resolve()
 
 
 def boshmux(path, body):
@@ -88,8 +85,16 @@ def converse(request):
     return render(request, "converse.html", {"jid": jid, "bosh_url": settings.BOSHMUX_URL + "/http-bind"})
 
 
-def static(request, name):
-    path = STATIC.get(name)
-    if path is None or not path.exists():
+def strophe(request):
+    return FileResponse(open(STROPHE, "rb"), content_type="text/javascript")
+
+
+def converse_dist(request, name):
+    """Converse's dist directory: its script loads chunks, fonts and sounds from there."""
+    path = (CONVERSE_DIST / name).resolve()
+    if not path.is_relative_to(CONVERSE_DIST) or not path.is_file():
         raise Http404(name)
-    return FileResponse(open(path, "rb"), content_type=mimetypes.guess_type(name)[0])
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if path.suffix == ".js":
+        kind = "text/javascript"
+    return FileResponse(open(path, "rb"), content_type=kind)
