@@ -63,9 +63,10 @@ async function pagesOf(user) {
   return r.ok ? (await r.json()).pages : 0;
 }
 
+// At least n: a tab closed a moment ago stays counted until its inactivity ends it.
 async function waitPages(user, n) {
   const until = Date.now() + T;
-  while ((await pagesOf(user)) !== n) {
+  while ((await pagesOf(user)) < n) {
     assert.ok(Date.now() < until, `${user} should have ${n} pages, has ${await pagesOf(user)}`);
     await new Promise((r) => setTimeout(r, 100));
   }
@@ -116,6 +117,7 @@ test("a reload attaches again", async () => {
 
 test("unmodified Converse.js with prebind in two tabs", async () => {
   const carol = await loggedIn(CAROL);
+  const before = await pagesOf(CAROL);
   const tabs = [];
   for (let i = 0; i < 2; i++) {
     const page = await carol.newPage();
@@ -123,7 +125,7 @@ test("unmodified Converse.js with prebind in two tabs", async () => {
     await page.goto(`${SITE}/converse`);
     tabs.push(page);
   }
-  await waitPages(CAROL, 2);
+  await waitPages(CAROL, before + 2);
   await send(bobTab, `${CAROL}@${DOMAIN}`, "hello converse");
   for (const page of tabs) {
     await page.waitForSelector(`text=hello converse`, { timeout: T });
