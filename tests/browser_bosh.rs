@@ -27,17 +27,27 @@ async fn bosh_pages_in_a_real_browser(p: support::Prosody) {
         std::path::Path::new("/usr/bin/chromium").exists(),
         "/usr/bin/chromium is missing: scripts/test installs Debian's chromium"
     );
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/examples/django-attach");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/examples/django-attach");
     assert!(
         example.join("node_modules/strophe.js").exists(),
         "contrib/examples/django-attach/node_modules is missing: scripts/test runs `npm ci` there"
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let site = format!("http://127.0.0.1:{port}");
     let origin = site.clone();
     let d = Daemon::start(&p.bosh, &p.domain, move |c| c.allowed_origins.push(origin)).await;
     let mut django = tokio::process::Command::new(python())
-        .args(["manage.py", "runserver", "--noreload", &format!("127.0.0.1:{port}")])
+        .args([
+            "manage.py",
+            "runserver",
+            "--noreload",
+            &format!("127.0.0.1:{port}"),
+        ])
         .current_dir(&example)
         .env("BOSHMUX_URL", d.url(""))
         .env("BOSHMUX_API_KEY", API_KEY)
@@ -47,9 +57,17 @@ async fn bosh_pages_in_a_real_browser(p: support::Prosody) {
         .kill_on_drop(true)
         .spawn()
         .expect("start the Django example");
-    support::eventually("the Django example listening", Duration::from_secs(30), || async {
-        reqwest::get(format!("{site}/login")).await.ok().filter(|r| r.status() == 200).map(|_| ())
-    })
+    support::eventually(
+        "the Django example listening",
+        Duration::from_secs(30),
+        || async {
+            reqwest::get(format!("{site}/login"))
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        },
+    )
     .await;
     let report = support::node::node_tests(
         "tests/browser",
@@ -60,6 +78,10 @@ async fn bosh_pages_in_a_real_browser(p: support::Prosody) {
             ("DAEMON_API_KEY", API_KEY.to_owned()),
             ("XMPP_DOMAIN", p.domain.clone()),
             ("USERS", "g31a,g31b,g31c".to_owned()),
+            (
+                "SCREENSHOT_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/target/screenshots").to_owned(),
+            ),
         ],
     )
     .await;

@@ -128,6 +128,15 @@ test("unmodified Converse.js with prebind in two tabs", async () => {
   await waitPages(CAROL, before + 2);
   await send(bobTab, `${CAROL}@${DOMAIN}`, "hello converse");
   for (const page of tabs) {
-    await page.waitForSelector(`text=hello converse`, { timeout: T });
+    try {
+      // Converse counts the message as unread under "New messages"; opening the chat shows it.
+      await page.waitForSelector("text=New messages", { timeout: T });
+      await page.getByText(`${BOB}@${DOMAIN}`).first().click({ timeout: T });
+      await page.waitForSelector(`text=hello converse`, { timeout: T });
+    } catch (e) {
+      if (process.env.SCREENSHOT_DIR) await page.screenshot({ path: `${process.env.SCREENSHOT_DIR}/converse-prebind.png` });
+      console.error("converse page text:", (await page.evaluate(() => document.body.innerText)).slice(0, 2000));
+      throw e;
+    }
   }
 });
