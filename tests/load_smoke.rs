@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use boshmux::load::{LoadArgs, run};
+use boshmux::load::{LoadArgs, PageTransport, run};
 
 fn args(url: String, api_key: String) -> LoadArgs {
     LoadArgs {
@@ -18,6 +18,7 @@ fn args(url: String, api_key: String) -> LoadArgs {
         rate: 40.0,
         duration: Duration::from_secs(1),
         concurrency: 8,
+        page_transport: PageTransport::Websocket,
         direct: None,
         watch_pids: vec![std::process::id()],
         json: None,
@@ -51,6 +52,15 @@ async fn the_load_tool_measures_both_modes() {
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(saved["deliveries"], r.deliveries);
     let _ = std::fs::remove_file(&json);
+
+    // Pages that speak BOSH to the daemon (SPEC §4b): the same deliveries.
+    let mut b = args(format!("http://{}", demo.addr), demo.api_key.clone());
+    b.page_transport = PageTransport::Bosh;
+    let r = run(b).await.unwrap();
+    assert_eq!(r.mode, "boshmux");
+    assert_eq!(r.pages_joined, 12);
+    assert_eq!(r.deliveries, r.deliveries_expected, "{r}");
+    assert!(r.errors.is_empty(), "{r}");
 
     let mut d = args(format!("http://{}", demo.addr), String::new());
     d.direct = Some(demo.bosh_url.clone());

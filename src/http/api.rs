@@ -25,6 +25,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/api/v1/sessions", get(list).post(create))
         .route("/api/v1/sessions/{jid}", get(show).delete(logout))
+        .route(
+            "/api/v1/sessions/{jid}/prebind",
+            axum::routing::post(super::bosh::prebind),
+        )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state, require_api_key))
 }

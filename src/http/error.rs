@@ -33,6 +33,9 @@ pub enum ApiError {
     /// A ticket that is unknown, used or expired.
     #[error("ticket is invalid or expired")]
     BadTicket,
+    /// The user has the maximum number of pages, none of them an unused prebind.
+    #[error("too many pages for this user")]
+    TooManyPages,
     /// The daemon is full.
     #[error("the daemon holds its maximum number of user sessions")]
     TooManyUsers,
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooManyUsers | ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyPages => StatusCode::TOO_MANY_REQUESTS,
             ApiError::LoginRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,

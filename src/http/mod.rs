@@ -1,9 +1,10 @@
 //! HTTP serving: the router ([`app`]), the handoff API for the web app's server ([`api`]), the
-//! WebSocket endpoint for pages ([`ws`]), metrics and the status page ([`status`]), the JSON
-//! error type ([`error`]), accepting connections ([`listen`]) and per-client limits
-//! ([`client`]).
+//! WebSocket endpoint for pages ([`ws`]), the BOSH endpoint for pages ([`bosh`]), metrics and the
+//! status page ([`status`]), the JSON error type ([`error`]), accepting connections ([`listen`])
+//! and per-client limits ([`client`]).
 
 pub mod api;
+pub mod bosh;
 pub mod client;
 pub mod error;
 pub mod listen;
@@ -37,6 +38,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every page task, so a stop can wait for them (axum does not track upgraded sockets).
     pub pages: TaskTracker,
+    /// The virtual BOSH sessions of pages that speak BOSH (SPEC §4b).
+    pub bosh_pages: Arc<crate::page::bosh::BoshPages>,
     next_page: AtomicU64,
     upgrades: client::UpgradeLimiter,
 }
@@ -54,6 +57,7 @@ impl AppState {
             stopping: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             pages: TaskTracker::new(),
+            bosh_pages: Arc::default(),
             next_page: AtomicU64::new(1),
             upgrades,
         }))
@@ -83,6 +87,10 @@ impl Shared {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/ws", get(ws::upgrade))
+        .route(
+            "/http-bind",
+            axum::routing::post(bosh::request).options(bosh::preflight),
+        )
         .route("/handoff", get(api::handoff))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(status::metrics))

@@ -59,6 +59,10 @@ pub struct LoadArgs {
     /// Pages opening at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// How pages reach the daemon: `websocket` (RFC 7395 at /ws) or `bosh` (a virtual BOSH
+    /// session of its own at /http-bind, SPEC §4b; PLAIN with the token).
+    #[arg(long, value_enum, default_value = "websocket")]
+    pub page_transport: PageTransport,
     /// Baseline: each page opens its own BOSH session at this URL instead of using the daemon.
     #[arg(long, value_name = "BOSH_URL")]
     pub direct: Option<String>,
@@ -66,7 +70,8 @@ pub struct LoadArgs {
     /// daemon); repeatable.
     #[arg(long = "watch-pid", value_name = "PID")]
     pub watch_pids: Vec<u32>,
-    /// Write the report as JSON here.
+    /// Write the report as JSON here. (With `--page-transport bosh`, `upstream_requests` still
+    /// counts the daemon's requests upstream; the pages' own requests into the daemon are logged.)
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
     /// No progress lines.
@@ -140,6 +145,15 @@ impl Shared {
     }
 }
 
+/// How simulated pages speak to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PageTransport {
+    /// RFC 7395 over `GET /ws`.
+    Websocket,
+    /// XEP-0124 + XEP-0206 over `POST /http-bind`, one virtual BOSH session per page.
+    Bosh,
+}
+
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -162,7 +176,8 @@ pub enum LoadError {
 pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
     crate::bosh::transport::install_crypto_provider();
     // boshmux: one WebSocket per page. Direct: a BOSH session holds up to two HTTP connections.
-    let per_page = if args.direct.is_some() { 2 } else { 1 };
+    let bosh_pages = args.direct.is_some() || args.page_transport == PageTransport::Bosh;
+    let per_page = if bosh_pages { 2 } else { 1 };
     let needed = (args.users * args.pages * per_page + 64) as u64;
     if let Some(limit) = open_file_limit()
         && needed > limit
@@ -271,6 +286,15 @@ pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
 
     let upstream_after = page::upstream_requests(&args).await;
     let direct_requests = page::direct_requests(&pages).await;
+    if args.direct.is_none()
+        && args.page_transport == PageTransport::Bosh
+        && let Some(n) = direct_requests
+    {
+        eprintln!(
+            "page requests into the daemon: {n} ({:.0}/s)",
+            n as f64 / shared.start.elapsed().as_secs_f64().max(0.001)
+        );
+    }
     let watched: Vec<_> = args
         .watch_pids
         .iter()

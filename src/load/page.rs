@@ -116,6 +116,15 @@ pub(crate) async fn open(
     let started = std::time::Instant::now();
     let page = match (&args.direct, token) {
         (Some(url), _) => direct(url, user, shared).await,
+        (None, Some(token)) if args.page_transport == super::PageTransport::Bosh => {
+            // A page's virtual BOSH session at the daemon: the token is the PLAIN password.
+            let page_user = User {
+                password: token.to_owned(),
+                ..user.clone()
+            };
+            let url = format!("{}/http-bind", args.url.trim_end_matches('/'));
+            direct(&url, &page_user, shared).await
+        }
         (None, Some(token)) => websocket(args, user, token, shared).await,
         (None, None) => Err("no token".into()),
     };

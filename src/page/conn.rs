@@ -22,7 +22,7 @@ use crate::xmpp::{self, Element, Jid, Limits, ns, sasl};
 use super::close::{GOING_AWAY, LOST, NORMAL, POLICY, RESTARTING, TOO_MANY_PAGES};
 
 /// Failed SASL attempts allowed before the stream is closed.
-const AUTH_ATTEMPTS: u32 = 3;
+pub(super) const AUTH_ATTEMPTS: u32 = 3;
 
 /// Everything a page's task needs.
 pub struct PageContext {
@@ -224,16 +224,9 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
             "bind a resource first".into(),
         ));
     }
-    let (tx, out) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let link = PageLink {
-        id: ctx.page,
-        tx,
-        queued: queued.clone(),
-    };
     // The requested resource is ignored: every page shares the session's one full JID.
-    let jid = match session.attach(link).await {
-        Ok(jid) => jid,
+    let (jid, out, queued) = match attach(&session, ctx.page).await {
+        Ok(bound) => bound,
         Err(AttachError::TooManyPages) => {
             return Err(Ending::Close(
                 TOO_MANY_PAGES,
@@ -243,16 +236,7 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
         Err(AttachError::Gone) => return Err(Ending::Close(LOST, "session not available")),
     };
     tracing::debug!(user = %user, page = ctx.page, "page bound");
-    let mut result = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "result")
-        .with_attr("to", jid.to_string())
-        .with_child(
-            Element::new("bind", ns::BIND)
-                .with_child(Element::new("jid", ns::BIND).with_text(jid.to_string())),
-        );
-    if let Some(id) = iq.attr("id") {
-        result.set_attr("id", id);
-    }
+    let result = bind_result(&iq, &jid);
     if send_text(ws, result.to_xml()).await.is_err() {
         session.detach(ctx.page).await;
         return Err(Ending::Gone);
@@ -265,8 +249,43 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
     })
 }
 
+/// Attaches page `page` to `session` (SPEC §4, §6): the session's full JID, the page's queue and
+/// the byte counter of what is queued there. Shared by WebSocket and BOSH pages.
+pub(super) async fn attach(
+    session: &SessionHandle,
+    page: PageId,
+) -> Result<(Jid, mpsc::UnboundedReceiver<PageOut>, Arc<AtomicUsize>), AttachError> {
+    let (tx, out) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let link = PageLink {
+        id: page,
+        tx,
+        queued: queued.clone(),
+    };
+    let jid = session.attach(link).await?;
+    Ok((jid, out, queued))
+}
+
+/// The answer to a page's bind request: the session's one full JID, from memory.
+pub(super) fn bind_result(iq: &Element, jid: &Jid) -> Element {
+    let mut result = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "result")
+        .with_attr("to", jid.to_string())
+        .with_child(
+            Element::new("bind", ns::BIND)
+                .with_child(Element::new("jid", ns::BIND).with_text(jid.to_string())),
+        );
+    if let Some(id) = iq.attr("id") {
+        result.set_attr("id", id);
+    }
+    result
+}
+
 /// Checks an `<auth/>`: PLAIN with a token as password, or EXTERNAL backed by the cookie.
-fn authenticate(ctx: &PageContext, auth: &Element) -> Result<(Jid, SessionHandle), &'static str> {
+pub(super) fn authenticate(
+    ctx: &PageContext,
+    auth: &Element,
+) -> Result<(Jid, SessionHandle), &'static str> {
     let payload = auth.text();
     let payload = payload.trim();
     let raw = if payload.is_empty() || payload == "=" {
@@ -318,14 +337,14 @@ fn names_account(authcid: &str, user: &Jid) -> bool {
     as_jid.is_ok_and(|j| &j == user)
 }
 
-fn sasl_failure(condition: &str) -> String {
+pub(super) fn sasl_failure(condition: &str) -> String {
     Element::new("failure", ns::SASL)
         .with_child(Element::new(condition, ns::SASL))
         .to_xml()
 }
 
 /// A token bucket for a page's stanzas.
-struct Rate {
+pub(super) struct Rate {
     tokens: f64,
     per_sec: f64,
     burst: f64,
@@ -333,7 +352,7 @@ struct Rate {
 }
 
 impl Rate {
-    fn new(per_sec: u32) -> Rate {
+    pub(super) fn new(per_sec: u32) -> Rate {
         let per_sec = f64::from(per_sec.max(1));
         Rate {
             tokens: per_sec * 2.0,
@@ -343,7 +362,7 @@ impl Rate {
         }
     }
 
-    fn allow(&mut self) -> bool {
+    pub(super) fn allow(&mut self) -> bool {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec)
             .min(self.burst);
@@ -483,7 +502,7 @@ async fn write_batch(
 }
 
 /// Requests a page's own stream answers, without the session: the legacy session request.
-fn local_answer(stanza: &Element, jid: &Jid) -> Option<Element> {
+pub(super) fn local_answer(stanza: &Element, jid: &Jid) -> Option<Element> {
     let is_session = stanza.is("iq", ns::CLIENT)
         && stanza.attr("type") == Some("set")
         && stanza.child("session", ns::SESSION).is_some();

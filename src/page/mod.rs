@@ -1,8 +1,10 @@
 //! The page side: one WebSocket per page, speaking RFC 7395. [`frame`] checks what a page sends
 //! and builds stream-level frames; [`conn`] runs a page's socket: the handshake (SASL with a
-//! token, bind answered from memory) and then the relay between socket and session; [`close`]
+//! token, bind answered from memory) and then the relay between socket and session; [`bosh`]
+//! serves pages that speak BOSH instead, each a virtual BOSH session on the same path; [`close`]
 //! names the close codes.
 
+pub mod bosh;
 pub mod close;
 pub mod conn;
 pub mod frame;
