@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::mux::{Effect, Mux, PageId};
 use super::registry::Registry;
@@ -220,7 +221,9 @@ impl Actor {
     }
 
     async fn serve(&mut self, mut session: BoshSession, mux: &mut Mux) -> End {
-        let mut relogin: Option<JoinHandle<Result<BoshSession, BoshError>>> = None;
+        // Aborted when dropped: whichever way `serve` returns (stop, logout, suspend, grace), a
+        // re-login still under way must not bind the resource afterwards.
+        let mut relogin: Option<AbortOnDropHandle<Result<BoshSession, BoshError>>> = None;
         let mut live = true;
         loop {
             let grace = self.grace_until;
@@ -314,7 +317,9 @@ impl Actor {
                             self.info.lock().upstream = "reconnecting";
                             let effects = mux.notice("reconnecting");
                             self.apply(effects, mux, &session, live);
-                            relogin = Some(self.spawn_relogin(mux.jid().resource().unwrap_or_default()));
+                            relogin = Some(AbortOnDropHandle::new(
+                                self.spawn_relogin(mux.jid().resource().unwrap_or_default()),
+                            ));
                         }
                     }
                 }
@@ -355,9 +360,6 @@ impl Actor {
                     tracing::info!(user = %self.bare, "grace period over, ending session");
                     if live {
                         let _ = session.handle.terminate(vec![mux.farewell()]).await;
-                    }
-                    if let Some(task) = relogin.take() {
-                        task.abort();
                     }
                     return End(CLOSE_LOST, "session ended");
                 }
