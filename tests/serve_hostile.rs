@@ -232,14 +232,16 @@ async fn invalid_utf8_and_binary_frames_close_only_that_page() {
 
 /// A contact's session on the test Prosody driven with raw BOSH bodies, so it can send bytes our
 /// own serializer would never write. Requests are sent without waiting for their (held)
-/// responses; the responses' stanzas arrive on `inbox`.
+/// responses; the responses' stanzas arrive on `inbox`, each response's end as `None`.
 struct RawContact {
     http: reqwest::Client,
     url: String,
     sid: String,
     rid: u64,
-    inbox: tokio::sync::mpsc::UnboundedReceiver<Element>,
-    inbox_tx: tokio::sync::mpsc::UnboundedSender<Element>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<Option<Element>>,
+    inbox_tx: tokio::sync::mpsc::UnboundedSender<Option<Element>>,
+    /// Requests not answered yet.
+    outstanding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Received and not yet asked for.
     pending: Vec<Element>,
 }
@@ -256,6 +258,7 @@ impl RawContact {
             rid,
             inbox,
             inbox_tx,
+            outstanding: std::sync::Arc::default(),
             pending: Vec::new(),
         }
     }
@@ -268,6 +271,8 @@ impl RawContact {
         );
         self.rid += 1;
         let (http, url, tx) = (self.http.clone(), self.url.clone(), self.inbox_tx.clone());
+        let outstanding = self.outstanding.clone();
+        outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let raw = http
                 .post(url)
@@ -280,9 +285,11 @@ impl RawContact {
                 .unwrap();
             if let Ok(body) = boshmux::bosh::Body::parse(&raw) {
                 for el in body.into_children() {
-                    let _ = tx.send(el);
+                    let _ = tx.send(Some(el));
                 }
             }
+            outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = tx.send(None);
         });
     }
 
@@ -293,11 +300,15 @@ impl RawContact {
         }
         tokio::time::timeout(limit, async {
             loop {
-                let el = self.inbox.recv().await.expect("contact inbox open");
-                if want(&el) {
-                    return el;
+                // Keep a request at the server, as a client does, so it can answer.
+                if self.outstanding.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    self.send("");
                 }
-                self.pending.push(el);
+                match self.inbox.recv().await.expect("contact inbox open") {
+                    Some(el) if want(&el) => return el,
+                    Some(el) => self.pending.push(el),
+                    None => {}
+                }
             }
         })
         .await
