@@ -31,6 +31,8 @@ pub fn build(config: Config) -> Result<AppState, SetupError> {
     config.require_for_serve()?;
     let mut bosh = BoshConfig::new(config.bosh_url.clone().unwrap_or_default());
     bosh.wait = config.bosh_wait;
+    // Server-built results may exceed what a client may send: twice the page stanza limit.
+    bosh.read_limits.stanza_bytes = config.limits.stanza_bytes.saturating_mul(2);
     let client = BoshClient::new(bosh)?;
     let limits = &config.limits;
     let settings = Settings {
