@@ -486,12 +486,13 @@ async fn silent_connections_cannot_use_up_the_file_descriptors_of_the_daemon() {
         .env("BOSHMUX_API_KEY", API_KEY)
         .env("BOSHMUX_LIMITS_CONNECTIONS_PER_ADDRESS", "32")
         .env("BOSHMUX_LOG", "info")
-        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    // The daemon logs to stderr.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
     tokio::time::timeout(LIMIT, async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.contains("serving") {

@@ -1381,7 +1381,10 @@ async fn a_server_request_takes_the_first_result_and_an_error_waits_for_the_othe
         answer("error", id, name).with_child(
             Element::new("error", ns::CLIENT)
                 .with_attr("type", "cancel")
-                .with_child(Element::new("service-unavailable", ns::STANZAS)),
+                .with_child(Element::new("service-unavailable", ns::STANZAS))
+                // Which page answered, in the error text: servers keep that (ejabberd drops
+                // attributes it does not know from an iq).
+                .with_child(Element::new("text", ns::STANZAS).with_text(name)),
         )
     };
     // Page 1 does not know the request and refuses; page 2 answers: the answer wins.
@@ -1417,7 +1420,11 @@ async fn a_server_request_takes_the_first_result_and_an_error_waits_for_the_othe
         loop {
             let s = support::next_stanza(&mut b.events, LIMIT).await;
             if s.is("iq", ns::CLIENT) && s.attr("id") == Some("v2") {
-                answers.push(s.attr("name").unwrap_or_default().to_owned());
+                let text = s
+                    .child("error", ns::CLIENT)
+                    .and_then(|e| e.child("text", ns::STANZAS))
+                    .map(Element::text);
+                answers.push(text.unwrap_or_default());
             }
             if body_text(&s).as_deref() == Some(marker) {
                 return answers;

@@ -2,14 +2,17 @@
 //! checks (preflight included, for `allowed_origins` only), the body read under the page
 //! limits, then [`crate::page::bosh`] by sid — and the prebind call of the handoff API.
 
+use std::net::SocketAddr;
+
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
+use super::client::{ClientKey, client_addr};
 use super::error::ApiError;
 use super::ws::cookie_token;
 use crate::bosh::Credentials;
@@ -71,11 +74,16 @@ pub async fn preflight(State(st): State<AppState>, headers: HeaderMap) -> Respon
 }
 
 /// `POST /http-bind`: one request of a page's virtual BOSH session (or its creation).
-pub async fn request(State(st): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Response {
+pub async fn request(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Response {
     let Ok(origin) = allowed_origin(&st, &headers) else {
         return refused();
     };
-    let (status, reply) = answer(&st, &headers, origin, &bytes).await;
+    let (status, reply) = answer(&st, peer, &headers, origin, &bytes).await;
     let mut resp = (status, reply).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -89,6 +97,7 @@ pub async fn request(State(st): State<AppState>, headers: HeaderMap, bytes: Byte
 
 async fn answer(
     st: &AppState,
+    peer: SocketAddr,
     headers: &HeaderMap,
     origin: Option<&str>,
     bytes: &[u8],
@@ -134,17 +143,22 @@ async fn answer(
             pages::terminate_reply(Some("system-shutdown"), None),
         );
     }
-    if !st.allow_upgrade() {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            pages::terminate_reply(Some("policy-violation"), None),
-        );
-    }
     // A cookie is a browser credential: it counts only from an allowed origin.
     let cookie_user = origin
         .and_then(|_| cookie_token(headers))
         .and_then(|t| st.registry.check_token(t))
         .map(|j| j.to_bare());
+    // The same per-client bucket as a WebSocket upgrade (a user's pages share one).
+    let client = match &cookie_user {
+        Some(user) => ClientKey::User(user.to_string()),
+        None => ClientKey::of_addr(client_addr(peer.ip(), headers, &st.config.trusted_proxies)),
+    };
+    if !st.allow_upgrade(&client) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::terminate_reply(Some("policy-violation"), None),
+        );
+    }
     let ctx = page_context(st, cookie_user);
     let granted = Granted::from_request(&body, st.config.limits.ws_dead_peer_timeout);
     let tracker = st.pages.clone();

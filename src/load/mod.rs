@@ -97,6 +97,7 @@ impl std::fmt::Debug for LoadArgs {
             watch_pids,
             json,
             quiet,
+            page_transport,
         } = self;
         f.debug_struct("LoadArgs")
             .field("url", url)
@@ -113,6 +114,7 @@ impl std::fmt::Debug for LoadArgs {
             .field("watch_pids", watch_pids)
             .field("json", json)
             .field("quiet", quiet)
+            .field("page_transport", page_transport)
             .finish()
     }
 }
