@@ -32,6 +32,11 @@ pub enum Rejection {
     Drop,
 }
 
+/// Levels a carbon adds around a stanza: `<message><sent><forwarded>` (XEP-0280 §6).
+const CARBON_DEPTH: usize = 3;
+/// Bytes of a carbon's wrapper other than its two JIDs (XEP-0280 §6), rounded up.
+const CARBON_BYTES: usize = 256;
+
 /// Reads one frame from a bound page.
 ///
 /// The stanza, once `from` is set, writes out within `limits.max_bytes` (the parse keeps room
@@ -41,8 +46,14 @@ pub enum Rejection {
 /// root can be read, a stream error otherwise.
 pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, Rejection> {
     let from = full_jid.to_string();
-    // ` from="…"`: the stanza may have none, and the JID is written escaped.
-    let reserve = 8 + from.len() * 6;
+    // ` from="…"`: the stanza may have none, and the JID is written escaped. Then room for the
+    // carbon that may wrap it for the user's other pages (SPEC §6.4): its three elements and
+    // two JIDs, so that every page's parser accepts what it is sent.
+    let reserve = 8 + from.len() * 6 + CARBON_BYTES + 2 * from.len() * 6;
+    let limits = &Limits {
+        max_depth: limits.max_depth.saturating_sub(CARBON_DEPTH),
+        ..*limits
+    };
     let mut el = match xmpp::parse::parse_reserving(frame.as_bytes(), limits, reserve) {
         Ok(el) => el,
         Err(
