@@ -52,6 +52,8 @@ pub fn read(frame: &str, limits: &Limits, full_jid: &Jid) -> Result<PageInput, R
     let reserve = 8 + from.len() * 6 + CARBON_BYTES + 2 * from.len() * 6;
     let limits = &Limits {
         max_depth: limits.max_depth.saturating_sub(CARBON_DEPTH),
+        // The `from` set below is one attribute more.
+        max_attrs: limits.max_attrs.saturating_sub(1),
         ..*limits
     };
     let mut el = match xmpp::parse::parse_reserving(frame.as_bytes(), limits, reserve) {
