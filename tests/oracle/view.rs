@@ -187,6 +187,14 @@ pub enum Allow {
     /// SPEC §6.2: a request to the session's full JID goes to every page; a real resource
     /// other than the addressed one never sees it.
     RequestToEveryPage,
+    /// SPEC §6.6: one upstream resource carries the latest page presence, priority included;
+    /// with a negative priority the server routes no bare-JID message to it (RFC 6121 §8.5.2),
+    /// where other real resources would still get them. Allowed per script step.
+    LatestPresenceWins,
+    /// SPEC §6.6: a page joining a room the session is in gets occupants, self-presence and
+    /// subject replayed, not the discussion history a real resource's join brings. Allowed
+    /// per script step.
+    RoomReplayWithoutHistory,
 }
 
 impl Allow {
@@ -197,6 +205,12 @@ impl Allow {
                 "SPEC §6.3 a message to the full JID reaches every page"
             }
             Allow::RequestToEveryPage => "SPEC §6.2 an inbound request reaches every page",
+            Allow::LatestPresenceWins => {
+                "SPEC §6.6 the latest page presence (priority included) is the one upstream"
+            }
+            Allow::RoomReplayWithoutHistory => {
+                "SPEC §6.6 a later page's join replays occupants, self-presence and subject only"
+            }
         }
     }
 }
