@@ -44,6 +44,11 @@ impl Rng {
 #[derive(Default)]
 pub struct Model {
     rooms: BTreeMap<&'static str, (&'static str, BTreeSet<usize>)>,
+    /// Each tab's last undirected presence (its `<show/>`, empty for plain available; `None`
+    /// when unavailable); a tab not listed has the opening's plain available presence.
+    presence: BTreeMap<usize, Option<String>>,
+    /// The latest available presence any tab sent (the shared one, SPEC §6.6).
+    latest: String,
 }
 
 impl Model {
@@ -53,6 +58,18 @@ impl Model {
 
     fn in_any(&self, tab: usize) -> bool {
         self.rooms.values().any(|(_, t)| t.contains(&tab))
+    }
+
+    /// Whether reloading `tab` re-sends a presence other than the shared one. Under SPEC §6.6
+    /// (the latest presence wins) the reloaded page's presence then becomes everyone's, which
+    /// real resources — they do not reload — never show; the hand-written
+    /// `presence_reload_*` scripts cover reloads, so the generator leaves these out.
+    fn reload_changes_presence(&self, tab: usize) -> bool {
+        match self.presence.get(&tab) {
+            None => !self.latest.is_empty(),
+            Some(None) => false,
+            Some(Some(p)) => *p != self.latest,
+        }
     }
 }
 
@@ -79,9 +96,14 @@ fn step(rng: &mut Rng, model: &mut Model) -> Step {
             } else {
                 format!("<show>{show}</show>")
             };
+            model.presence.insert(t, Some(inner.clone()));
+            model.latest = inner.clone();
             send(tab, format!("<presence>{inner}</presence>"))
         }
-        2 => send(tab, "<presence type='unavailable'/>".to_owned()),
+        2 => {
+            model.presence.insert(t, None);
+            send(tab, "<presence type='unavailable'/>".to_owned())
+        }
         3 | 4 => {
             let kind = *rng.pick(&[
                 "type='chat'><body>c</body>",
@@ -174,7 +196,16 @@ fn step(rng: &mut Rng, model: &mut Model) -> Step {
             let show = *rng.pick(&["<show>away</show>", "", "<show>dnd</show>"]);
             send(contact, format!("<presence>{show}</presence>"))
         }
-        17 | 18 => Step::Reload(rng.below(TABS)),
+        17 | 18 => {
+            let r = rng.below(TABS);
+            if model.reload_changes_presence(r) {
+                // Instead: tab t takes on the shared presence (no change for anyone).
+                let latest = model.latest.clone();
+                model.presence.insert(t, Some(latest.clone()));
+                return send(tab, format!("<presence>{latest}</presence>"));
+            }
+            Step::Reload(r)
+        }
         _ => {
             let mut answers: Vec<Answer> = (0..TABS)
                 .map(|_| match rng.below(3) {
