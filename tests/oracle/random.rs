@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::script::{Answer, Script, Step, Who};
 use crate::support::Prosody;
+use crate::view::Allow;
 use crate::world::{Mode, World};
 use crate::{compare, observers, play_on};
 
@@ -49,6 +50,8 @@ pub struct Model {
     presence: BTreeMap<usize, Option<String>>,
     /// The latest available presence any tab sent (the shared one, SPEC §6.6).
     latest: String,
+    /// The step just generated is a join answered from the replay.
+    replay_step: bool,
 }
 
 impl Model {
@@ -142,6 +145,11 @@ fn step(rng: &mut Rng, model: &mut Model) -> Step {
                 .rooms
                 .entry(room)
                 .or_insert_with(|| (fresh_nick, BTreeSet::new()));
+            // A tab joining a room another tab is in gets the replay, not the history
+            // (SPEC §6.6): allowed for this step.
+            if entry.1.iter().any(|j| *j != t) {
+                model.replay_step = true;
+            }
             entry.1.insert(t);
             let nick = entry.0;
             send(
@@ -231,11 +239,20 @@ fn step(rng: &mut Rng, model: &mut Model) -> Step {
 /// Random run `i` of `seed`, following on from the runs before it (`model`).
 pub fn script(seed: u64, i: u64, model: &mut Model) -> Script {
     let mut rng = Rng(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut steps = Vec::new();
+    let mut allowed = Vec::new();
+    for k in 0..STEPS {
+        model.replay_step = false;
+        steps.push(step(&mut rng, model));
+        if model.replay_step {
+            allowed.push((k, Allow::RoomReplayWithoutHistory));
+        }
+    }
     Script {
         name: format!("random seed={seed} run={i}"),
         tabs: TABS,
-        steps: (0..STEPS).map(|_| step(&mut rng, model)).collect(),
-        allowed: Vec::new(),
+        steps,
+        allowed,
     }
 }
 
