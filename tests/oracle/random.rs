@@ -174,6 +174,11 @@ fn step(rng: &mut Rng, model: &mut Model) -> Step {
         11 => {
             let entry = model.rooms.get_mut(room).expect("in the room");
             entry.0 = if entry.0 == "u" { "u2" } else { "u" };
+            // With real resources the other tabs in the room follow by rejoining (SPEC §6.6
+            // makes the rename every page's), which brings them the history a page does not get.
+            if entry.1.iter().any(|j| *j != t) {
+                model.replay_step = true;
+            }
             send(tab, format!("<presence to='{{r:{room}}}/{}'/>", entry.0))
         }
         12 => send(
