@@ -195,6 +195,10 @@ pub enum Allow {
     /// subject replayed, not the discussion history a real resource's join brings. Allowed
     /// per script step.
     RoomReplayWithoutHistory,
+    /// SPEC §6.5: inbound presence reaches every page, so a page that sent unavailable but
+    /// stays open still gets the contacts' and the user's availability presence; a real
+    /// resource that went unavailable gets none (RFC 6121 §4.4.3: only available resources).
+    PresenceToUnavailablePage,
 }
 
 impl Allow {
@@ -210,6 +214,9 @@ impl Allow {
             }
             Allow::RoomReplayWithoutHistory => {
                 "SPEC §6.6 a later page's join replays occupants, self-presence and subject only"
+            }
+            Allow::PresenceToUnavailablePage => {
+                "SPEC §6.5 inbound presence reaches a page that is itself unavailable"
             }
         }
     }
@@ -253,6 +260,9 @@ pub struct Observer {
     mine: Option<String>,
     /// Rooms this tab joined (normalised bare), for [`Allow::RoomToEveryPage`].
     rooms: BTreeSet<String>,
+    /// This tab's last undirected presence was unavailable, for
+    /// [`Allow::PresenceToUnavailablePage`].
+    unavailable: bool,
 }
 
 impl Observer {
@@ -290,6 +300,10 @@ impl Observer {
     /// Notes a stanza this tab sent (rooms it addressed, answers to subscriptions).
     pub fn sent(&mut self, n: &Names, e: &Element) {
         let Some(to) = e.attr("to") else {
+            if e.is("presence", ns::CLIENT) && matches!(e.attr("type"), None | Some("unavailable"))
+            {
+                self.unavailable = e.attr("type").is_some();
+            }
             if e.is("presence", ns::CLIENT) && e.attr("type").is_none() {
                 let mut reflected = e.clone();
                 reflected.set_attr("from", format!("{}/~", n.user));
@@ -342,6 +356,14 @@ impl Observer {
         }
         if e.is("message", ns::CLIENT) {
             return (self.message(n, e, &from_n, room_bare.as_deref()), None);
+        }
+        if let (true, true, Some(_), None) =
+            (self.unavailable, self.daemon_side, self.tab, &room_bare)
+            && e.is("presence", ns::CLIENT)
+            && matches!(e.attr("type"), None | Some("unavailable"))
+        {
+            // Neither shown nor kept: the client learns who is online when it comes back.
+            return (None, Some(Allow::PresenceToUnavailablePage));
         }
         if e.is("presence", ns::CLIENT) {
             return (
