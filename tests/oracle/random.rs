@@ -145,9 +145,9 @@ fn step(rng: &mut Rng, model: &mut Model) -> Step {
                 .rooms
                 .entry(room)
                 .or_insert_with(|| (fresh_nick, BTreeSet::new()));
-            // A tab joining a room another tab is in gets the replay, not the history
-            // (SPEC §6.6): allowed for this step.
-            if entry.1.iter().any(|j| *j != t) {
+            // A tab joining a room the session is in (through another tab, or itself joining
+            // again) gets the replay, not the history (SPEC §6.6): allowed for this step.
+            if !entry.1.is_empty() {
                 model.replay_step = true;
             }
             entry.1.insert(t);
@@ -308,6 +308,10 @@ pub async fn check(p: &Prosody, groups: (&str, &str)) {
         } else {
             (script(seed, i, &mut model), false)
         };
+        if std::env::var("BOSHMUX_ORACLE_TRACE").is_ok() {
+            let steps: Vec<String> = script.steps.iter().map(crate::describe).collect();
+            eprintln!("{}:\n  {}", script.name, steps.join("\n  "));
+        }
         let (pa, pb) = tokio::join!(
             play_on(&mut a, &script, open),
             play_on(&mut b, &script, open)

@@ -195,10 +195,11 @@ pub enum Allow {
     /// subject replayed, not the discussion history a real resource's join brings. Allowed
     /// per script step.
     RoomReplayWithoutHistory,
-    /// SPEC §6.5: inbound presence reaches every page, so a page that sent unavailable but
-    /// stays open still gets the contacts' and the user's availability presence; a real
-    /// resource that went unavailable gets none (RFC 6121 §4.4.3: only available resources).
-    PresenceToUnavailablePage,
+    /// SPEC §6.3/§6.5: inbound messages and presence reach every page, so a page that sent
+    /// unavailable but stays open still gets messages to the bare JID and the contacts' and the
+    /// user's availability presence; a real resource that went unavailable gets none of these
+    /// (RFC 6121 §4.4.3, §8.5.2.1: only available resources).
+    InboundToUnavailablePage,
 }
 
 impl Allow {
@@ -215,8 +216,8 @@ impl Allow {
             Allow::RoomReplayWithoutHistory => {
                 "SPEC §6.6 a later page's join replays occupants, self-presence and subject only"
             }
-            Allow::PresenceToUnavailablePage => {
-                "SPEC §6.5 inbound presence reaches a page that is itself unavailable"
+            Allow::InboundToUnavailablePage => {
+                "SPEC §6.3/§6.5 bare-JID messages and presence reach a page that is itself unavailable"
             }
         }
     }
@@ -260,8 +261,8 @@ pub struct Observer {
     mine: Option<String>,
     /// Rooms this tab joined (normalised bare), for [`Allow::RoomToEveryPage`].
     rooms: BTreeSet<String>,
-    /// This tab's last undirected presence was unavailable, for
-    /// [`Allow::PresenceToUnavailablePage`].
+    /// This tab's last undirected presence was unavailable, or it sent none since the page
+    /// opened, for [`Allow::InboundToUnavailablePage`].
     unavailable: bool,
 }
 
@@ -274,9 +275,13 @@ impl Observer {
         }
     }
 
-    /// A new page: it knows nothing yet.
+    /// A new page: it knows nothing yet, and is unavailable until it sends presence (a reload
+    /// re-sends the tab's presence in the same step, if it had one).
     pub fn reset(&mut self) {
-        *self = Observer::new(self.tab, self.daemon_side);
+        *self = Observer {
+            unavailable: true,
+            ..Observer::new(self.tab, self.daemon_side)
+        };
     }
 
     /// The state compared at the end of every step: who is online (as this client would show
@@ -363,7 +368,7 @@ impl Observer {
             && matches!(e.attr("type"), None | Some("unavailable"))
         {
             // Neither shown nor kept: the client learns who is online when it comes back.
-            return (None, Some(Allow::PresenceToUnavailablePage));
+            return (None, Some(Allow::InboundToUnavailablePage));
         }
         if e.is("presence", ns::CLIENT) {
             return (
@@ -453,8 +458,14 @@ impl Observer {
             state = true;
         }
         let to_full = e.attr("to").is_some_and(|t| n.jid(t) == "U/~");
-        let allow = (self.daemon_side && to_full && self.tab.is_some_and(|t| t != 0))
-            .then_some(Allow::FullJidMessageToEveryPage);
+        let to_bare = e.attr("to").is_some_and(|t| n.jid(t) == "U");
+        let allow = if self.daemon_side && to_full && self.tab.is_some_and(|t| t != 0) {
+            Some(Allow::FullJidMessageToEveryPage)
+        } else if self.daemon_side && to_bare && self.tab.is_some() && self.unavailable {
+            Some(Allow::InboundToUnavailablePage)
+        } else {
+            None
+        };
         Some(Ev {
             key: from_n.to_owned(),
             text: n.norm(e),

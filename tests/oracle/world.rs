@@ -441,8 +441,11 @@ impl World {
                 .unwrap_or_default();
             let gone = match e.attr("type") {
                 Some("error") => ours,
+                // Only under the nick the tab is in now: the self-presence of leaving an old
+                // nick (a real resource following another tab's nick change steps out, then
+                // in under the new one) does not end the room for it.
                 Some("unavailable") => {
-                    (codes.iter().any(|c| c == "110") && !codes.iter().any(|c| c == "303"))
+                    (ours && codes.iter().any(|c| c == "110") && !codes.iter().any(|c| c == "303"))
                         || x.and_then(|x| x.child("destroy", ns::MUC_USER)).is_some()
                 }
                 _ => false,
