@@ -1308,9 +1308,10 @@ async fn carbons_are_made_as_the_server_makes_them_between_real_resources(p: Pro
         direct_iq(&mut real, enable).await.attr("type"),
         Some("result")
     );
-    // The recipient is online: to an offline account the server bounces chat messages, and the
-    // bounces (which reach every page) are not what this test is about.
-    let _recipient = p.contact("g28d", "other").await;
+    // The recipient is online: to an offline account (the test servers keep no offline
+    // storage) every message bounces, and the bounce, an inbound message, reaches every page
+    // (SPEC §6.3) — racing the carbons this test reads at the second page.
+    let _recipient = contact(&p, "g28d").await;
     let to = "g28d@localhost";
     let normal = |body: Option<&str>| {
         let m = Element::new("message", ns::CLIENT).with_attr("to", to);

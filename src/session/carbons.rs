@@ -16,13 +16,18 @@ const CONFERENCE: &str = "jabber:x:conference";
 
 /// Whether a message a page sends would be carbon-copied to the user's other resources by a
 /// server applying XEP-0280 §6: never when marked `<private/>` (XEP-0280) or `<no-copy/>`
-/// (XEP-0334), never for `groupchat`, `headline` or `error`; always for `chat` (which covers
-/// private messages to a room occupant, copied per the XEP's MUC rules); for `normal` when it has
-/// a body, a MUC invitation (direct or mediated) or an IM payload (chat state, receipt, marker).
+/// (XEP-0334), never for `groupchat`, `headline` or `error`, never for a private message to a
+/// room occupant marked with the MUC `<x xmlns='…muc#user'/>` (XEP-0280 §6, as Prosody and real
+/// resources behave); always for other `chat`; for `normal` when it has a body, a MUC invitation
+/// (direct or mediated) or an IM payload (chat state, receipt, marker).
 pub fn eligible(message: &Element) -> bool {
     if message.child("private", ns::CARBONS).is_some() || message.child("no-copy", HINTS).is_some()
     {
         return false;
+    }
+    let muc_user = message.child("x", ns::MUC_USER);
+    if muc_user.is_some_and(|x| x.child("invite", ns::MUC_USER).is_none()) {
+        return false; // a MUC private message: the room, not our other resources, gets it
     }
     match message.attr("type").unwrap_or("normal") {
         "chat" => true,
@@ -114,11 +119,17 @@ mod tests {
     }
 
     #[test]
-    fn a_private_message_to_a_room_occupant_is_copied() {
-        let pm = body(message(Some("chat")))
-            .with_attr("to", "room@conference.example.com/bob")
-            .with_child(Element::new("x", ns::MUC_USER));
-        assert!(eligible(&pm));
+    fn a_private_message_to_a_room_occupant_is_not_copied() {
+        for ty in [Some("chat"), None] {
+            let pm = body(message(ty))
+                .with_attr("to", "room@conference.example.com/bob")
+                .with_child(Element::new("x", ns::MUC_USER));
+            assert!(!eligible(&pm), "{ty:?}");
+        }
+        // Without the MUC marker a server cannot tell it from a chat to a user: copied.
+        let unmarked =
+            body(message(Some("chat"))).with_attr("to", "room@conference.example.com/bob");
+        assert!(eligible(&unmarked));
     }
 
     #[test]

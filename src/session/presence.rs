@@ -4,7 +4,10 @@
 //! - *offline* (nothing sent upstream) → a page's available presence goes upstream → *online*;
 //! - *online*: a page's presence that changes show, status or priority goes upstream (the latest
 //!   wins); one equal to the shared presence is not re-sent, and a page's first presence gets the
-//!   cached contacts' presence and the pending subscription requests replayed instead;
+//!   cached contacts' presence and the pending subscription requests replayed instead — unless a
+//!   page sent a directed presence (RFC 6121 §4.6, typically a directed unavailable) to
+//!   a contact since the last broadcast: that contact no longer has the shared presence, so the
+//!   next available presence from any page re-sends it, as a real resource's would reach it;
 //! - *online* → *offline* when the last *available* page sends unavailable (pages that are
 //!   unavailable but still connected do not keep the user online); a page that merely goes away
 //!   changes nothing (the grace period, SPEC §7, decides).
@@ -32,6 +35,9 @@ pub struct Presence {
     contacts: BTreeMap<Jid, Element>,
     /// Unanswered inbound subscription requests, per bare JID.
     requests: BTreeMap<Jid, Element>,
+    /// Contacts sent a directed presence (available or unavailable) since the shared presence
+    /// last went upstream: they no longer have the shared presence.
+    hidden_from: BTreeSet<Jid>,
 }
 
 impl Presence {
@@ -48,7 +54,10 @@ impl Presence {
                 self.available.insert(page);
                 let was_online = self.online();
                 let mut out = Vec::new();
-                if self.shared.as_ref().map(key) != Some(key(&presence)) {
+                if self.shared.as_ref().map(key) != Some(key(&presence))
+                    || !self.hidden_from.is_empty()
+                {
+                    self.hidden_from.clear();
                     self.shared = Some(presence.clone());
                     out.push(Effect::Upstream(presence));
                 }
@@ -83,8 +92,14 @@ impl Presence {
     /// A directed presence from a page to `to` (not a room): an answer to a subscription
     /// request ends it. The caller forwards the stanza.
     pub fn directed_from_page(&mut self, to: &Jid, presence: &Element) {
-        if matches!(presence.attr("type"), Some("subscribed" | "unsubscribed")) {
-            self.requests.remove(&to.to_bare());
+        match presence.attr("type") {
+            Some("subscribed" | "unsubscribed") => {
+                self.requests.remove(&to.to_bare());
+            }
+            None | Some("unavailable") if self.online() => {
+                self.hidden_from.insert(to.clone());
+            }
+            _ => {}
         }
     }
 
@@ -129,6 +144,7 @@ impl Presence {
 
     fn go_offline(&mut self) {
         self.shared = None;
+        self.hidden_from.clear();
         // Nothing arrives while offline; the next initial presence brings it all again.
         self.contacts.clear();
     }
@@ -210,6 +226,25 @@ mod tests {
             0,
             "already the shared presence"
         );
+    }
+
+    #[test]
+    fn after_a_directed_unavailable_the_next_available_presence_goes_up_again() {
+        let mut p = Presence::default();
+        p.from_page(1, available());
+        p.from_page(2, available());
+        p.from_page(2, unavailable());
+        let c = Jid::parse("carol@example.com").unwrap();
+        let hide = Element::new("presence", ns::CLIENT)
+            .with_attr("to", c.to_string())
+            .with_attr("type", "unavailable");
+        p.directed_from_page(&c, &hide);
+        assert_eq!(
+            upstream(&p.from_page(2, available())),
+            1,
+            "carol must see the user online again"
+        );
+        assert_eq!(upstream(&p.from_page(1, available())), 0, "once is enough");
     }
 
     #[test]

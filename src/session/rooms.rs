@@ -9,7 +9,9 @@
 //!   occupants' presence, our self-presence and the subject replayed.
 //! - *joined* —presence to another nick (a join or not)→ *joined*, rename asked (upstream);
 //!   —unavailable self-presence with status 303→ *joined* under the new nick (the server then
-//!   sends the new self-presence); an error for the new nick just ends the rename.
+//!   sends the new self-presence); an error for the new nick (e.g. `conflict`) ends the rename:
+//!   the room stays joined under the old nick, the error goes to the pages that asked only, and
+//!   a page that asked by joining (it was not in the room) is not in it.
 //! - *joined* —unavailable self-presence without 303 (kick 307, ban 301, destroy, affiliation
 //!   change, shutdown, or our own leave)→ (none), for every page.
 //! - explicit leave from a page: the page alone sees itself leave while other pages are in the
@@ -24,6 +26,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::effect::{Effect, PageId, to_all};
+use crate::xmpp::element::Node;
 use crate::xmpp::{Element, Jid, ns};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +51,23 @@ struct Room {
     join: Element,
     /// Occupants' presence by nick.
     occupants: BTreeMap<String, Element>,
+    /// Our self-presence as a page joining later gets it (without "room created").
     self_presence: Option<Element>,
     subject: Option<Element>,
+    /// A nick change asked and not yet answered.
+    renaming: Option<Rename>,
+}
+
+/// A nick change in flight (XEP-0045 §7.6).
+#[derive(Debug)]
+struct Rename {
+    nick: String,
+    /// Pages that asked for it: they alone get a refusal.
+    asking: BTreeSet<PageId>,
+    /// Asking pages that were not in the room (they asked by joining): out again if refused.
+    newcomers: BTreeSet<PageId>,
+    /// `kept_until` before the ask, restored if the refusal leaves no page in the room.
+    kept_until: Option<Instant>,
 }
 
 /// The rooms of one session.
@@ -144,6 +162,7 @@ impl Rooms {
                     occupants: BTreeMap::new(),
                     self_presence: None,
                     subject: None,
+                    renaming: None,
                 },
             );
             return Some(vec![Effect::Upstream(presence)]);
@@ -151,13 +170,26 @@ impl Rooms {
         match ty.as_deref() {
             None if nick.is_empty() => Some(vec![Effect::Upstream(presence)]),
             None => {
-                room.pages.insert(page);
-                room.kept_until = None;
+                let newcomer = room.pages.insert(page);
+                let kept_until = room.kept_until.take();
                 if nick != room.nick {
                     // A nick change (XEP-0045 §7.6): sent as a plain presence, never as a join.
-                    presence.children.retain(|c| {
-                        !matches!(c, crate::xmpp::element::Node::Element(e) if e.is("x", ns::MUC))
-                    });
+                    presence
+                        .children
+                        .retain(|c| !matches!(c, Node::Element(e) if e.is("x", ns::MUC)));
+                    let rename = match &mut room.renaming {
+                        Some(r) if r.nick == nick => r,
+                        slot => slot.insert(Rename {
+                            nick,
+                            asking: BTreeSet::new(),
+                            newcomers: BTreeSet::new(),
+                            kept_until,
+                        }),
+                    };
+                    rename.asking.insert(page);
+                    if newcomer {
+                        rename.newcomers.insert(page);
+                    }
                     return Some(vec![Effect::Upstream(presence)]);
                 }
                 if !is_join {
@@ -183,6 +215,10 @@ impl Rooms {
             Some("unavailable") => {
                 room.pages.remove(&page);
                 room.asking.remove(&page);
+                if let Some(r) = &mut room.renaming {
+                    r.asking.remove(&page);
+                    r.newcomers.remove(&page);
+                }
                 if room.pages.is_empty() && room.kept_until.is_none() {
                     let nick = room.nick.clone();
                     self.rooms.remove(&room_jid);
@@ -192,7 +228,7 @@ impl Rooms {
                 // Others stay in the room: this page alone sees itself leave.
                 Some(vec![Effect::ToPage(
                     page,
-                    self_leave(&room_jid, &room.nick, me),
+                    self_leave(&room_jid, &room.nick, room.self_presence.as_ref(), me),
                 )])
             }
             Some(_) => Some(vec![Effect::Upstream(presence)]),
@@ -221,7 +257,24 @@ impl Rooms {
                     .collect();
                 return Some(out);
             }
-            return Some(vec![to_all(presence.clone())]); // e.g. a refused nick change
+            if let Some(r) = room.renaming.take_if(|r| r.nick == nick) {
+                // A refused nick change: joined as before; only the asking pages hear of it.
+                for p in &r.newcomers {
+                    room.pages.remove(p);
+                }
+                if room.pages.is_empty() {
+                    room.kept_until = r.kept_until;
+                }
+                if !r.asking.is_empty() {
+                    return Some(
+                        r.asking
+                            .iter()
+                            .map(|p| Effect::ToPage(*p, presence.clone()))
+                            .collect(),
+                    );
+                }
+            }
+            return Some(vec![to_all(presence.clone())]);
         }
         let unavailable = ty == Some("unavailable");
         let destroyed = presence
@@ -231,8 +284,9 @@ impl Rooms {
             if !unavailable {
                 room.phase = Phase::Joined;
                 room.nick = nick.to_owned(); // the room may have changed it (status 210)
-                room.self_presence = Some(presence.clone());
+                room.self_presence = Some(without_created(presence));
                 room.asking.clear();
+                room.renaming = None;
             } else if codes.iter().any(|c| c == "303") {
                 // Our nick changed; the new self-presence follows.
                 if let Some(new) = presence
@@ -243,6 +297,7 @@ impl Rooms {
                     room.nick = new.to_owned();
                 }
                 room.self_presence = None;
+                room.renaming = None;
             } else {
                 // Kicked, banned, destroyed, removed, or our own leave: ended for every page.
                 self.rooms.remove(&room_jid);
@@ -317,6 +372,7 @@ impl Rooms {
             room.occupants.clear();
             room.self_presence = None;
             room.asking.clear();
+            room.renaming = None;
             room.join.set_attr("from", me.to_string());
             room.join.set_attr("to", occupant(jid, &room.nick));
             out.push(room.join.clone());
@@ -379,6 +435,7 @@ impl Rooms {
                     occupants,
                     self_presence: r.self_presence.as_deref().and_then(&parse),
                     subject: r.subject.as_deref().and_then(&parse),
+                    renaming: None,
                 },
             );
         }
@@ -392,19 +449,43 @@ fn occupant(room: &Jid, nick: &str) -> String {
     format!("{room}/{nick}")
 }
 
-/// The unavailable self-presence a page sees when it leaves a room other pages stay in.
-fn self_leave(room: &Jid, nick: &str, me: &Jid) -> Element {
+/// `presence` without MUC status 201 ("room created", XEP-0045 §10.1): true of the first
+/// self-presence only, not of its replay to a page joining later.
+fn without_created(presence: &Element) -> Element {
+    let mut p = presence.clone();
+    for c in &mut p.children {
+        if let Node::Element(x) = c
+            && x.is("x", ns::MUC_USER)
+        {
+            x.children.retain(|s| {
+                !matches!(s, Node::Element(s) if s.is("status", ns::MUC_USER) && s.attr("code") == Some("201"))
+            });
+        }
+    }
+    p
+}
+
+/// The unavailable self-presence a page sees when it leaves a room other pages stay in, as the
+/// room would send it (XEP-0045 §7.14): our item from `self_presence` (affiliation, and jid
+/// where the room shows it) with role `none`.
+fn self_leave(room: &Jid, nick: &str, self_presence: Option<&Element>, me: &Jid) -> Element {
+    let mut item = self_presence
+        .and_then(|p| p.child("x", ns::MUC_USER))
+        .and_then(|x| x.child("item", ns::MUC_USER))
+        .map(|i| {
+            let mut item = Element::new("item", ns::MUC_USER);
+            item.attrs = i.attrs.clone();
+            item
+        })
+        .unwrap_or_else(|| Element::new("item", ns::MUC_USER).with_attr("affiliation", "none"));
+    item.set_attr("role", "none");
     Element::new("presence", ns::CLIENT)
         .with_attr("from", occupant(room, nick))
         .with_attr("to", me.to_string())
         .with_attr("type", "unavailable")
         .with_child(
             Element::new("x", ns::MUC_USER)
-                .with_child(
-                    Element::new("item", ns::MUC_USER)
-                        .with_attr("affiliation", "none")
-                        .with_attr("role", "none"),
-                )
+                .with_child(item)
                 .with_child(Element::new("status", ns::MUC_USER).with_attr("code", "110")),
         )
 }
@@ -558,6 +639,103 @@ mod tests {
         let (to, p) = join("ay");
         let out = r.from_page(1, &to, p, &me()).unwrap();
         assert_eq!(upstream(&out).len(), 1, "the retry goes upstream");
+    }
+
+    fn conflict(nick: &str) -> Element {
+        from_room(nick, Some("error"), &[], None).with_child(
+            Element::new("error", ns::CLIENT)
+                .with_attr("type", "cancel")
+                .with_child(Element::new("conflict", ns::STANZAS)),
+        )
+    }
+
+    #[test]
+    fn a_join_under_a_taken_nick_is_refused_to_that_page_alone() {
+        let mut r = Rooms::new(GRACE);
+        joined(&mut r, &[1], "ay");
+        // Page 2 joins under another nick: asked upstream as a nick change, refused.
+        let (to, p) = join("bee");
+        assert_eq!(upstream(&r.from_page(2, &to, p, &me()).unwrap()).len(), 1);
+        let refused = conflict("bee");
+        let out = r.from_upstream(&occupant("bee"), &refused).unwrap();
+        assert_eq!(out, vec![Effect::ToPage(2, refused)]);
+        // Still joined as `ay` for page 1; page 2 is not in the room, so page 1's leave is the
+        // last and goes up under the old nick.
+        let (to, p) = leave("ay");
+        let out = r.from_page(1, &to, p, &me()).unwrap();
+        assert_eq!(
+            upstream(&out)[0].attr("to"),
+            Some("room@conference.example.com/ay")
+        );
+        assert!(!r.contains(&occupant("ay").to_bare()));
+    }
+
+    #[test]
+    fn a_refused_nick_change_keeps_every_page_in_the_room_under_the_old_nick() {
+        let mut r = Rooms::new(GRACE);
+        joined(&mut r, &[1, 2], "ay");
+        let to = occupant("bee");
+        let p = Element::new("presence", ns::CLIENT).with_attr("to", to.to_string());
+        r.from_page(1, &to, p, &me()).unwrap();
+        let refused = conflict("bee");
+        let out = r.from_upstream(&occupant("bee"), &refused).unwrap();
+        assert_eq!(out, vec![Effect::ToPage(1, refused)]);
+        // Both pages still in: page 2 leaving changes nothing upstream, page 1 is still there.
+        let (to, p) = leave("ay");
+        assert!(upstream(&r.from_page(2, &to, p, &me()).unwrap()).is_empty());
+        let (to, p) = join("ay");
+        assert!(upstream(&r.from_page(3, &to, p, &me()).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_page_joining_later_is_not_told_it_created_the_room() {
+        let mut r = Rooms::new(GRACE);
+        let (to, p) = join("ay");
+        r.from_page(1, &to, p, &me()).unwrap();
+        let created = from_room("ay", None, &["110", "201"], None);
+        let out = r.from_upstream(&occupant("ay"), &created).unwrap();
+        assert_eq!(out, vec![to_all(created)], "the creator sees 201");
+        let (to, p) = join("ay");
+        let out = r.from_page(2, &to, p, &me()).unwrap();
+        let Effect::ToPage(2, replayed) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(status_codes(replayed), vec!["110"]);
+    }
+
+    #[test]
+    fn a_page_leaving_alone_sees_its_own_affiliation_with_role_none() {
+        let mut r = Rooms::new(GRACE);
+        let (to, p) = join("ay");
+        r.from_page(1, &to, p, &me()).unwrap();
+        let owner = Element::new("presence", ns::CLIENT)
+            .with_attr("from", occupant("ay").to_string())
+            .with_child(
+                Element::new("x", ns::MUC_USER)
+                    .with_child(
+                        Element::new("item", ns::MUC_USER)
+                            .with_attr("affiliation", "owner")
+                            .with_attr("role", "moderator"),
+                    )
+                    .with_child(Element::new("status", ns::MUC_USER).with_attr("code", "110")),
+            );
+        r.from_upstream(&occupant("ay"), &owner).unwrap();
+        let (to, p) = join("ay");
+        r.from_page(2, &to, p, &me()).unwrap();
+        let (to, p) = leave("ay");
+        let out = r.from_page(2, &to, p, &me()).unwrap();
+        let Effect::ToPage(2, gone) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let item = gone
+            .child("x", ns::MUC_USER)
+            .and_then(|x| x.child("item", ns::MUC_USER))
+            .unwrap();
+        assert_eq!(
+            (item.attr("affiliation"), item.attr("role")),
+            (Some("owner"), Some("none"))
+        );
+        assert_eq!(status_codes(gone), vec!["110"]);
     }
 
     #[test]

@@ -154,6 +154,13 @@ fn compare(
                 lines.push(format!(" {}:\n{}", observer_name(o, k), d.join("\n")));
             }
         }
+        let allowed = s
+            .checked_sub(offset)
+            .and_then(|i| script.allowed.iter().find(|(j, _)| *j == i));
+        if let (false, Some((_, rule))) = (lines.is_empty(), allowed) {
+            *hits.entry(*rule).or_default() += 1;
+            continue;
+        }
         if !lines.is_empty() {
             let what = if s < offset {
                 "opening (log in, carbons, roster, presence)".to_owned()

@@ -1,6 +1,8 @@
 //! Scripts: what the acting user's tabs and its contacts do, written once and played on both
 //! sides. Stanzas are templates (see `World::expand` for the placeholders).
 
+use crate::view::Allow;
+
 /// Who acts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Who {
@@ -46,6 +48,8 @@ pub struct Script {
     pub name: String,
     pub tabs: usize,
     pub steps: Vec<Step>,
+    /// Steps (indexes into `steps`) whose differences a SPEC rule explains.
+    pub allowed: Vec<(usize, Allow)>,
 }
 
 impl Script {
@@ -54,7 +58,16 @@ impl Script {
             name: name.to_owned(),
             tabs,
             steps: Vec::new(),
+            allowed: Vec::new(),
         }
+    }
+
+    /// The last step may differ between the sides: `rule` explains it. Its differences are
+    /// counted as allow-list hits; the steps after it are compared as usual.
+    pub fn allow(mut self, rule: Allow) -> Script {
+        let last = self.steps.len().checked_sub(1).expect("a step to allow");
+        self.allowed.push((last, rule));
+        self
     }
 
     /// Tab `i` sends a stanza.

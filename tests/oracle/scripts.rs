@@ -2,6 +2,7 @@
 //! the scripts of one theme can share a pair of account groups.
 
 use crate::script::{Answer, Script, Who};
+use crate::view::Allow;
 
 const MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
 const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
@@ -170,6 +171,7 @@ pub fn rooms() -> Vec<Script> {
             .join(Who::B, "mine", "bee")
             .tab(0, &groupchat("mine", "my room"))
             .join(Who::Tab(1), "mine", "u")
+            .allow(Allow::RoomReplayWithoutHistory)
             .leave(Who::Tab(0), "mine", "u")
             .step(Who::B, &groupchat("mine", "still here"))
             .leave(Who::Tab(1), "mine", "u"),
@@ -204,6 +206,7 @@ pub fn rooms() -> Vec<Script> {
             .join(Who::Tab(0), "hs", "u")
             .tab(0, &groupchat("hs", "said by the first tab"))
             .join(Who::Tab(1), "hs", "u")
+            .allow(Allow::RoomReplayWithoutHistory)
             .leave(Who::Tab(0), "hs", "u")
             .leave(Who::Tab(1), "hs", "u"),
         Script::new("room_contact_presence_and_groupchat", 2)
@@ -256,6 +259,7 @@ pub fn presence() -> Vec<Script> {
         Script::new("presence_priority", 2)
             .tab(0, "<presence><priority>-1</priority></presence>")
             .step(Who::B, &chat("{U}", "who gets this?", ""))
+            .allow(Allow::LatestPresenceWins)
             .tab(0, "<presence><priority>5</priority></presence>")
             .step(Who::B, &chat("{U}", "and this?", ""))
             .tab(0, "<presence/>"),

@@ -187,6 +187,19 @@ pub enum Allow {
     /// SPEC §6.2: a request to the session's full JID goes to every page; a real resource
     /// other than the addressed one never sees it.
     RequestToEveryPage,
+    /// SPEC §6.6: one upstream resource carries the latest page presence, priority included;
+    /// with a negative priority the server routes no bare-JID message to it (RFC 6121 §8.5.2),
+    /// where other real resources would still get them. Allowed per script step.
+    LatestPresenceWins,
+    /// SPEC §6.6: a page joining a room the session is in gets occupants, self-presence and
+    /// subject replayed, not the discussion history a real resource's join brings. Allowed
+    /// per script step.
+    RoomReplayWithoutHistory,
+    /// SPEC §6.3/§6.5: inbound messages and presence reach every page, so a page that sent
+    /// unavailable but stays open still gets messages to the bare JID and the contacts' and the
+    /// user's availability presence; a real resource that went unavailable gets none of these
+    /// (RFC 6121 §4.4.3, §8.5.2.1: only available resources).
+    InboundToUnavailablePage,
 }
 
 impl Allow {
@@ -197,6 +210,15 @@ impl Allow {
                 "SPEC §6.3 a message to the full JID reaches every page"
             }
             Allow::RequestToEveryPage => "SPEC §6.2 an inbound request reaches every page",
+            Allow::LatestPresenceWins => {
+                "SPEC §6.6 the latest page presence (priority included) is the one upstream"
+            }
+            Allow::RoomReplayWithoutHistory => {
+                "SPEC §6.6 a later page's join replays occupants, self-presence and subject only"
+            }
+            Allow::InboundToUnavailablePage => {
+                "SPEC §6.3/§6.5 bare-JID messages and presence reach a page that is itself unavailable"
+            }
         }
     }
 }
@@ -239,6 +261,9 @@ pub struct Observer {
     mine: Option<String>,
     /// Rooms this tab joined (normalised bare), for [`Allow::RoomToEveryPage`].
     rooms: BTreeSet<String>,
+    /// This tab's last undirected presence was unavailable, or it sent none since the page
+    /// opened, for [`Allow::InboundToUnavailablePage`].
+    unavailable: bool,
 }
 
 impl Observer {
@@ -250,9 +275,13 @@ impl Observer {
         }
     }
 
-    /// A new page: it knows nothing yet.
+    /// A new page: it knows nothing yet, and is unavailable until it sends presence (a reload
+    /// re-sends the tab's presence in the same step, if it had one).
     pub fn reset(&mut self) {
-        *self = Observer::new(self.tab, self.daemon_side);
+        *self = Observer {
+            unavailable: true,
+            ..Observer::new(self.tab, self.daemon_side)
+        };
     }
 
     /// The state compared at the end of every step: who is online (as this client would show
@@ -276,6 +305,10 @@ impl Observer {
     /// Notes a stanza this tab sent (rooms it addressed, answers to subscriptions).
     pub fn sent(&mut self, n: &Names, e: &Element) {
         let Some(to) = e.attr("to") else {
+            if e.is("presence", ns::CLIENT) && matches!(e.attr("type"), None | Some("unavailable"))
+            {
+                self.unavailable = e.attr("type").is_some();
+            }
             if e.is("presence", ns::CLIENT) && e.attr("type").is_none() {
                 let mut reflected = e.clone();
                 reflected.set_attr("from", format!("{}/~", n.user));
@@ -328,6 +361,14 @@ impl Observer {
         }
         if e.is("message", ns::CLIENT) {
             return (self.message(n, e, &from_n, room_bare.as_deref()), None);
+        }
+        if let (true, true, Some(_), None) =
+            (self.unavailable, self.daemon_side, self.tab, &room_bare)
+            && e.is("presence", ns::CLIENT)
+            && matches!(e.attr("type"), None | Some("unavailable"))
+        {
+            // Neither shown nor kept: the client learns who is online when it comes back.
+            return (None, Some(Allow::InboundToUnavailablePage));
         }
         if e.is("presence", ns::CLIENT) {
             return (
@@ -417,8 +458,14 @@ impl Observer {
             state = true;
         }
         let to_full = e.attr("to").is_some_and(|t| n.jid(t) == "U/~");
-        let allow = (self.daemon_side && to_full && self.tab.is_some_and(|t| t != 0))
-            .then_some(Allow::FullJidMessageToEveryPage);
+        let to_bare = e.attr("to").is_some_and(|t| n.jid(t) == "U");
+        let allow = if self.daemon_side && to_full && self.tab.is_some_and(|t| t != 0) {
+            Some(Allow::FullJidMessageToEveryPage)
+        } else if self.daemon_side && to_bare && self.tab.is_some() && self.unavailable {
+            Some(Allow::InboundToUnavailablePage)
+        } else {
+            None
+        };
         Some(Ev {
             key: from_n.to_owned(),
             text: n.norm(e),

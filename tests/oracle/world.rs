@@ -374,13 +374,23 @@ impl World {
                     .filter(|old| *old != to)
                     .map(str::to_owned);
                 let mut moved = vec![i];
-                if let (Some(old), Mode::Direct) = (old_nick, self.mode) {
-                    // The other resources in the room step out, the acting one renames (the
-                    // last session of the occupant, so the room announces a rename), and they
-                    // step in under the new nick.
+                if let Some(old) = old_nick {
+                    // Every tab in the room is under the new nick now (a page rejoins under
+                    // it after a reload). With real resources the others step out, the acting
+                    // one renames (the last session of the occupant, so the room announces a
+                    // rename), and they step in under the new nick.
                     let others: Vec<usize> = (0..self.tabs.len())
                         .filter(|j| *j != i && self.tracks[*j].rooms.contains_key(&room))
                         .collect();
+                    moved.extend(others.iter().copied());
+                    if self.mode != Mode::Direct {
+                        for j in moved {
+                            if let Some(join) = self.tracks[j].rooms.get_mut(&room) {
+                                join.set_attr("to", to.clone());
+                            }
+                        }
+                        return out;
+                    }
                     let leave = Element::new("presence", ns::CLIENT)
                         .with_attr("to", old)
                         .with_attr("type", "unavailable");
@@ -390,7 +400,6 @@ impl World {
                     out = others.iter().map(|j| (*j, leave.clone())).collect();
                     out.push((i, el.clone()));
                     out.extend(others.iter().map(|j| (*j, join.clone())));
-                    moved.extend(others);
                 }
                 for j in moved {
                     let join = self.tracks[j]
@@ -432,8 +441,11 @@ impl World {
                 .unwrap_or_default();
             let gone = match e.attr("type") {
                 Some("error") => ours,
+                // Only under the nick the tab is in now: the self-presence of leaving an old
+                // nick (a real resource following another tab's nick change steps out, then
+                // in under the new one) does not end the room for it.
                 Some("unavailable") => {
-                    (codes.iter().any(|c| c == "110") && !codes.iter().any(|c| c == "303"))
+                    (ours && codes.iter().any(|c| c == "110") && !codes.iter().any(|c| c == "303"))
                         || x.and_then(|x| x.child("destroy", ns::MUC_USER)).is_some()
                 }
                 _ => false,
