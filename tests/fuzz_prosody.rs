@@ -621,9 +621,15 @@ async fn watch(
     }
 }
 
-/// The strict parser's verdict on a frame a page received.
+/// The strict parser's verdict on a frame a page received: the page rules, with the size a
+/// stanza from upstream may have (server-built results, such as a large roster, may exceed what a
+/// page may send; the daemon drops anything larger).
 fn strict(text: &str) -> Result<Element, Fault> {
-    xmpp::parse(text.as_bytes(), &Limits::PAGE).map_err(|e| {
+    let limits = Limits {
+        max_bytes: boshmux::bosh::ReadLimits::DEFAULT.stanza_bytes,
+        ..Limits::PAGE
+    };
+    xmpp::parse(text.as_bytes(), &limits).map_err(|e| {
         format!(
             "a page received a frame the strict parser refuses ({e}): {}",
             fuzz::excerpt(text)
