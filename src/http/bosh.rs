@@ -17,8 +17,7 @@ use super::error::ApiError;
 use super::ws::cookie_token;
 use crate::bosh::Credentials;
 use crate::page::bosh::{self as pages, Granted, PrebindError};
-use crate::page::conn::PageContext;
-use crate::xmpp::{self, Jid, Limits, ns};
+use crate::xmpp::{self, Jid, ns};
 
 /// Lifetime of an unused prebind, like a ticket's (SPEC §4b).
 pub const PREBIND_TTL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -108,7 +107,7 @@ async fn answer(
             pages::terminate_reply(Some("bad-request"), None),
         )
     };
-    let limits = page_limits(st);
+    let limits = st.page_limits();
     let Ok(body) = xmpp::parse(bytes, &pages::body_limits(&limits)) else {
         return bad(());
     };
@@ -159,39 +158,13 @@ async fn answer(
             pages::terminate_reply(Some("policy-violation"), None),
         );
     }
-    let ctx = page_context(st, cookie_user);
+    let ctx = st.page_context(cookie_user);
     let granted = Granted::from_request(&body, st.config.limits.ws_dead_peer_timeout);
     let tracker = st.pages.clone();
     let reply = st.bosh_pages.create(&body, rid, ctx, granted, |task| {
         tracker.spawn(task);
     });
     (StatusCode::OK, reply)
-}
-
-fn page_limits(st: &AppState) -> Limits {
-    Limits {
-        max_bytes: st.config.limits.stanza_bytes,
-        ..Limits::PAGE
-    }
-}
-
-/// A page's context; a BOSH page is gone after `ws_dead_peer_timeout` without a request
-/// (its `inactivity`), as a WebSocket page silent that long is.
-fn page_context(st: &AppState, cookie_user: Option<Jid>) -> PageContext {
-    let limits = &st.config.limits;
-    PageContext {
-        registry: st.registry.clone(),
-        domain: st.config.xmpp_domain.clone().unwrap_or_default(),
-        limits: page_limits(st),
-        ping_interval: limits.ws_ping_interval,
-        dead_peer_timeout: limits.ws_dead_peer_timeout,
-        handshake_timeout: limits.handshake_timeout,
-        send_rate: limits.page_send_rate,
-        cookie_user,
-        shutdown: st.shutdown.clone(),
-        page: st.next_page_id(),
-        metrics: st.registry.metrics.clone(),
-    }
 }
 
 /// `POST /api/v1/sessions/{bare_jid}/prebind` body: the password when the user may have no
@@ -260,7 +233,7 @@ pub async fn prebind(
     if st.stopping.is_cancelled() {
         return Err(ApiError::Stopping);
     }
-    let ctx = page_context(&st, None);
+    let ctx = st.page_context(None);
     let granted = Granted::from_request(
         &xmpp::Element::new("body", ns::HTTPBIND),
         st.config.limits.ws_dead_peer_timeout,

@@ -77,6 +77,38 @@ impl Shared {
         self.upgrades.allow(client)
     }
 
+    /// The limits a page's frames are read under (SPEC §5): the page defaults with the
+    /// configured stanza size.
+    fn page_limits(&self) -> crate::xmpp::Limits {
+        crate::xmpp::Limits {
+            max_bytes: self.config.limits.stanza_bytes,
+            ..crate::xmpp::Limits::PAGE
+        }
+    }
+
+    /// What a new page's task needs, whatever its transport (WebSocket or BOSH, SPEC §4/§4b).
+    /// A BOSH page is gone after `ws_dead_peer_timeout` without a request (its `inactivity`), as
+    /// a WebSocket page silent that long is.
+    fn page_context(
+        &self,
+        cookie_user: Option<crate::xmpp::Jid>,
+    ) -> crate::page::conn::PageContext {
+        let limits = &self.config.limits;
+        crate::page::conn::PageContext {
+            registry: self.registry.clone(),
+            domain: self.config.xmpp_domain.clone().unwrap_or_default(),
+            limits: self.page_limits(),
+            ping_interval: limits.ws_ping_interval,
+            dead_peer_timeout: limits.ws_dead_peer_timeout,
+            handshake_timeout: limits.handshake_timeout,
+            send_rate: limits.page_send_rate,
+            cookie_user,
+            shutdown: self.shutdown.clone(),
+            page: self.next_page_id(),
+            metrics: self.registry.metrics.clone(),
+        }
+    }
+
     fn next_page_id(&self) -> u64 {
         self.next_page
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)

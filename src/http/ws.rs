@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::client::{ClientKey, client_addr};
-use crate::page::conn::{self, PageContext};
-use crate::xmpp::{Jid, Limits};
+use crate::page::conn;
+use crate::xmpp::Jid;
 
 /// Initial read buffer of a page's socket; it grows for larger frames. Small, because idle
 /// pages are the common case (BENCHMARKS.md: 8.6 KiB per idle page with 1 KiB, 11.5 with 4).
@@ -70,22 +70,7 @@ pub async fn upgrade(
             .into_response();
     }
     let limits = &st.config.limits;
-    let ctx = PageContext {
-        registry: st.registry.clone(),
-        domain: st.config.xmpp_domain.clone().unwrap_or_default(),
-        limits: Limits {
-            max_bytes: limits.stanza_bytes,
-            ..Limits::PAGE
-        },
-        ping_interval: limits.ws_ping_interval,
-        dead_peer_timeout: limits.ws_dead_peer_timeout,
-        handshake_timeout: limits.handshake_timeout,
-        send_rate: limits.page_send_rate,
-        cookie_user,
-        shutdown: st.shutdown.clone(),
-        page: st.next_page_id(),
-        metrics: st.registry.metrics.clone(),
-    };
+    let ctx = st.page_context(cookie_user);
     let tracker = st.pages.clone();
     // Frames somewhat over the stanza limit still arrive, so the page gets a proper stream error;
     // far larger ones are cut off by the WebSocket layer before they are buffered whole.
