@@ -26,4 +26,5 @@ pub mod page;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod store;
 pub mod xmpp;

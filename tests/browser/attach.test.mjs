@@ -126,6 +126,9 @@ test("unmodified Converse.js with prebind in two tabs", async () => {
     tabs.push(page);
   }
   await waitPages(CAROL, before + 2);
+  // Converse adds its message handlers as it connects and shows the roster after that: a message
+  // sent before a tab shows its contacts may reach a tab that is not listening yet.
+  for (const page of tabs) await page.getByText(`${BOB}@${DOMAIN}`).first().waitFor({ timeout: T });
   await send(bobTab, `${CAROL}@${DOMAIN}`, "hello converse");
   for (const page of tabs) {
     try {
