@@ -9,7 +9,7 @@
 #   prosody_stop      stop it and remove its files; idempotent, run automatically on EXIT
 #
 # Users: groups of four mutual contacts so that tests running in parallel never see each other's
-# presence: g01a g01b g01c g01d, g02a … g64d (password "pw-" + username). Users of different groups
+# presence: g01a g01b g01c g01d, g02a … g80d (password "pw-" + username). Users of different groups
 # are not contacts. Two more, registered through prosodyctl so that Prosody itself prepares them:
 # `zoë` (password "pw-zoë") and `nbsp` (password "pw-no" U+00A0 "break", which SASLprep turns into
 # a space). Set BOSHMUX_TEST_PROSODY_KEEP=1 to keep the temp dir (config, data, log)
@@ -166,7 +166,7 @@ _prosody_bosh_up() { # PORT
 }
 
 prosody_start() {
-	local groups=${BOSHMUX_TEST_PROSODY_GROUPS:-64}
+	local groups=${BOSHMUX_TEST_PROSODY_GROUPS:-80}
 	if ((groups < 1 || groups > 99)); then
 		echo "prosody.sh: BOSHMUX_TEST_PROSODY_GROUPS must be 1..99 (usernames carry two digits)" >&2
 		return 1

@@ -20,8 +20,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// How long a session outlives its last page.
     pub grace: Duration,
-    /// Where sessions are saved across a restart (SPEC §8); none means a stop ends them.
-    pub state_file: Option<PathBuf>,
+    /// Where sessions are kept as they change so that they outlive the process (SPEC §8): a
+    /// directory for the embedded store, or a `redis://` URL (SPEC §12). None: a stop ends them.
+    pub store: Option<String>,
     /// `wait` asked of the connection manager, seconds.
     pub bosh_wait: u32,
     /// Resource asked for when logging a user in (kept across re-logins).
@@ -45,7 +46,7 @@ impl std::fmt::Debug for Config {
             api_key,
             allowed_origins,
             grace,
-            state_file,
+            store,
             bosh_wait,
             resource,
             token_ttl,
@@ -59,7 +60,7 @@ impl std::fmt::Debug for Config {
             .field("api_key", &api_key.as_ref().map(|_| "<hidden>"))
             .field("allowed_origins", allowed_origins)
             .field("grace", grace)
-            .field("state_file", state_file)
+            .field("store", store)
             .field("bosh_wait", bosh_wait)
             .field("resource", resource)
             .field("token_ttl", token_ttl)
@@ -118,7 +119,7 @@ impl Default for Config {
             api_key: None,
             allowed_origins: Vec::new(),
             grace: Duration::from_secs(60),
-            state_file: None,
+            store: None,
             bosh_wait: 60,
             resource: "boshmux".into(),
             token_ttl: Duration::from_secs(24 * 3600),
@@ -235,7 +236,7 @@ const KEYS: &[&str] = &[
     "api_key",
     "allowed_origins",
     "grace",
-    "state_file",
+    "store",
     "token_ttl",
     "bosh_wait",
     "resource",
@@ -296,9 +297,9 @@ pub struct Flags {
     /// How long a session outlives its last page, e.g. 60s.
     #[arg(long)]
     pub grace: Option<String>,
-    /// File that keeps sessions across a restart.
+    /// Where sessions outlive the process: a directory (embedded store) or `redis://host:port/db`.
     #[arg(long)]
-    pub state_file: Option<String>,
+    pub store: Option<String>,
 }
 
 impl std::fmt::Debug for Flags {
@@ -311,7 +312,7 @@ impl std::fmt::Debug for Flags {
             api_key,
             allow_origin,
             grace,
-            state_file,
+            store,
         } = self;
         f.debug_struct("Flags")
             .field("config", config)
@@ -321,7 +322,7 @@ impl std::fmt::Debug for Flags {
             .field("api_key", &api_key.as_ref().map(|_| "<hidden>"))
             .field("allow_origin", allow_origin)
             .field("grace", grace)
-            .field("state_file", state_file)
+            .field("store", store)
             .finish()
     }
 }
@@ -388,7 +389,7 @@ impl Config {
             ("--xmpp-domain", "xmpp_domain", &flags.xmpp_domain),
             ("--api-key", "api_key", &flags.api_key),
             ("--grace", "grace", &flags.grace),
-            ("--state-file", "state_file", &flags.state_file),
+            ("--store", "store", &flags.store),
         ];
         for (flag, key, value) in pairs {
             if let Some(v) = value {
@@ -513,7 +514,7 @@ impl Config {
                     .map_err(|_| bad(format!("{value:?} is not an IP address")))?,
             ),
             "grace" => self.grace = duration(value).map_err(bad)?,
-            "state_file" => self.state_file = Some(PathBuf::from(value)),
+            "store" => self.store = Some(value.to_owned()),
             "token_ttl" => self.token_ttl = duration(value).map_err(bad)?,
             "bosh_wait" => self.bosh_wait = number(value, 1, 120).map_err(bad)?,
             "resource" => {

@@ -25,6 +25,5 @@ pub mod metrics;
 pub mod page;
 pub mod server;
 pub mod session;
-pub mod state;
 pub mod store;
 pub mod xmpp;

@@ -10,7 +10,8 @@ use crate::bosh::{BoshClient, BoshConfig, BoshError};
 use crate::config::{Config, ConfigError};
 use crate::http::{self, AppState};
 use crate::session::Registry;
-use crate::session::registry::Settings;
+use crate::session::deps::Settings;
+use crate::store::{Store, StoreError};
 
 /// Longest a stop waits for pages to close and for upstream sessions to end, each.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
@@ -24,10 +25,23 @@ pub enum SetupError {
     /// The upstream client could not be set up.
     #[error(transparent)]
     Upstream(#[from] BoshError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// The shared state of a daemon with `config`.
+/// The shared state of a daemon with `config`, its store opened from `config.store` (none: a
+/// store that keeps nothing).
 pub fn build(config: Config) -> Result<AppState, SetupError> {
+    let store = match &config.store {
+        Some(location) => Store::open(location)?,
+        None => Store::none(),
+    };
+    build_with_store(config, store)
+}
+
+/// Like [`build`], with the store given (tests share a [`Store::memory`] between daemons).
+pub fn build_with_store(config: Config, store: Store) -> Result<AppState, SetupError> {
     config.require_for_serve()?;
     let mut bosh = BoshConfig::new(config.bosh_url.clone().unwrap_or_default());
     bosh.wait = config.bosh_wait;
@@ -48,7 +62,7 @@ pub fn build(config: Config) -> Result<AppState, SetupError> {
         relogin_attempts: 5,
         relogin_backoff: Duration::from_secs(1),
     };
-    let registry = Registry::new(settings, client);
+    let registry = Registry::new(settings, client, store);
     Ok(AppState::new(config, registry))
 }
 
@@ -70,24 +84,18 @@ pub async fn run_app(
     app: axum::Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if let Some(path) = &state.config.state_file {
-        match crate::state::take(path) {
-            Ok(saved) => {
-                let count = saved.len();
-                let restored = saved
-                    .into_iter()
-                    .filter_map(|s| state.registry.restore(s))
-                    .count();
-                if count > 0 {
-                    tracing::info!(
-                        restored,
-                        saved = count,
-                        "sessions taken over from the state file"
-                    );
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "state file ignored"),
-        }
+    // Every stored session is taken over before the first request is served (SPEC §8): a page
+    // reconnecting at once finds its session, and a token issued before a crash works.
+    let snapshot = state
+        .registry
+        .store
+        .load()
+        .await
+        .map_err(std::io::Error::other)?;
+    let stored = snapshot.sessions.len();
+    let recovered = state.registry.recover(snapshot);
+    if stored > 0 {
+        tracing::info!(recovered, stored, "sessions taken over from the store");
     }
     let st = state.clone();
     let limits = state.config.limits.clone();
@@ -117,13 +125,13 @@ pub async fn run_app(
     Ok(())
 }
 
-/// Ends every session (SPEC §8): with a state file each is suspended and saved, alive upstream,
-/// for the next start, and its pages close with 1012 (reconnect); without one each is terminated
-/// upstream and its pages close with 4004 (nothing to reconnect to).
+/// Ends every session (SPEC §8): with a durable store each is suspended — alive upstream, its
+/// record up to date for the next start — and its pages close with 1012 (reconnect); without one
+/// each is terminated upstream and its pages close with 4004 (nothing to reconnect to).
 async fn stop_sessions(state: &AppState) {
     let sessions = state.registry.all();
     let count = sessions.len();
-    let Some(path) = &state.config.state_file else {
+    if !state.registry.store.durable() {
         let stops = sessions.iter().map(|s| s.stop());
         if tokio::time::timeout(STOP_LIMIT, futures_util::future::join_all(stops))
             .await
@@ -133,24 +141,20 @@ async fn stop_sessions(state: &AppState) {
         }
         tracing::info!(sessions = count, "stopped; upstream sessions terminated");
         return;
-    };
+    }
     // Each session has the stop limit to itself: one that is still logging in (and cannot be
-    // suspended) must not cost the others their place in the file.
+    // suspended) must not hold the others up.
     let suspends = sessions
         .iter()
         .map(|s| tokio::time::timeout(STOP_LIMIT, s.suspend()));
-    let saved: Vec<_> = futures_util::future::join_all(suspends)
+    let kept = futures_util::future::join_all(suspends)
         .await
         .into_iter()
-        .filter_map(|r| r.ok().flatten())
-        .collect();
-    let kept = saved.len();
-    match crate::state::save(path, saved) {
-        Ok(()) => tracing::info!(
-            sessions = count,
-            saved = kept,
-            "stopped; sessions saved for the next start"
-        ),
-        Err(e) => tracing::error!(error = %e, "could not save sessions"),
-    }
+        .filter(|r| matches!(r, Ok(true)))
+        .count();
+    tracing::info!(
+        sessions = count,
+        kept,
+        "stopped; sessions kept in the store for the next start"
+    );
 }

@@ -94,7 +94,7 @@ async fn health_metrics_and_status() {
 }
 
 #[tokio::test]
-async fn a_stop_without_state_file_closes_every_page_with_4004_and_ends_the_upstream_sessions() {
+async fn a_stop_without_a_store_closes_every_page_with_4004_and_ends_the_upstream_sessions() {
     let f = fake().await;
     let d = Daemon::start(&f.url(), "example.test", |_| {}).await;
     let h = d.handoff("alice", PASSWORD).await;
@@ -127,17 +127,10 @@ async fn a_stop_without_state_file_closes_every_page_with_4004_and_ends_the_upst
 }
 
 #[tokio::test]
-async fn a_login_in_progress_neither_delays_a_stop_nor_keeps_other_sessions_out_of_the_state_file()
-{
+async fn a_login_in_progress_neither_delays_a_stop_nor_keeps_other_sessions_out_of_the_store() {
     let f = fake().await;
-    let dir = std::env::temp_dir().join(format!("boshmux-ops-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("state.json");
-    let state_file = path.clone();
-    let d = Daemon::start(&f.url(), "example.test", move |c| {
-        c.state_file = Some(state_file)
-    })
-    .await;
+    let store = boshmux::store::Store::memory();
+    let d = Daemon::start_with_store(&f.url(), "example.test", &store, |_| {}).await;
     d.handoff("alice", PASSWORD).await;
     // From now on the upstream answers nothing: bob's login hangs.
     let _requests = f.intercept();
@@ -169,8 +162,17 @@ async fn a_login_in_progress_neither_delays_a_stop_nor_keeps_other_sessions_out_
         503,
         "the hand-off is told the daemon is stopping"
     );
-    let saved = std::fs::read_to_string(&path).unwrap();
-    assert!(saved.contains("alice@example.test/boshmux"), "{saved}");
-    assert!(!saved.contains("bob@example.test"), "{saved}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let stored: Vec<String> = store
+        .load()
+        .await
+        .unwrap()
+        .sessions
+        .iter()
+        .map(|r| r.bare.clone())
+        .collect();
+    assert_eq!(
+        stored,
+        ["alice@example.test"],
+        "alice kept, bob never logged in"
+    );
 }

@@ -1,4 +1,4 @@
-//! SPEC §8 against the real Prosody: a daemon stopped with a state file and started again keeps
+//! SPEC §8 against the real servers: a daemon stopped with a store and started again keeps
 //! every session — the same upstream session (no re-login, contacts see no offline/online flap),
 //! pages back with their cookie on the same JID, and what arrived meanwhile delivered once.
 
@@ -6,26 +6,31 @@ mod support;
 
 use std::time::Duration;
 
+use boshmux::store::Store;
 use boshmux::xmpp::{Element, ns};
 use support::daemon::{Daemon, Page};
 use support::{Server, body_text, both, chat, eventually};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
-fn state_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "boshmux-state-{name}-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("state.json")
+/// Everything the store holds, as text, to look for what must never be in it.
+async fn stored_text(store: &Store) -> String {
+    let snap = store.load().await.unwrap();
+    let mut text = format!("{:?}", snap.credentials);
+    for r in &snap.sessions {
+        text.push_str(&String::from_utf8_lossy(&r.meta));
+        text.push_str(&String::from_utf8_lossy(&r.caches));
+        for (_, req) in &r.requests {
+            text.push_str(&String::from_utf8_lossy(req));
+        }
+    }
+    text
 }
 
 both!(a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhile_once);
 async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhile_once(p: Server) {
-    let path = state_path("keep");
-    let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());
-    let first = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let store = Store::memory();
+    let first = Daemon::start_with_store(&p.bosh, &p.domain, &store, |_| {}).await;
     let h = first.handoff("g25a", "pw-g25a").await;
     let mut p1 = first.page("g25a", &h.token).await;
     let mut p2 = first.page("g25a", &h.token).await;
@@ -41,9 +46,16 @@ async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhil
     first.stop().await;
     assert_eq!(p1.closed().await.code, 1012);
     assert_eq!(p2.closed().await.code, 1012);
-    let saved = std::fs::read_to_string(&path).expect("the state file was written");
-    assert!(!saved.contains("pw-g25a"), "no password on disk");
-    assert!(!saved.contains(&h.token), "no token on disk, only its hash");
+    let saved = stored_text(&store).await;
+    assert!(
+        saved.contains("g25a@localhost/boshmux"),
+        "the session is stored: {saved}"
+    );
+    assert!(!saved.contains("pw-g25a"), "no password in the store");
+    assert!(
+        !saved.contains(&h.token),
+        "no token in the store, only its hash"
+    );
     let (a_jid, _) = p.user("g25a");
     assert_eq!(
         p.sessions_of(&a_jid),
@@ -56,7 +68,7 @@ async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhil
         .await
         .unwrap();
 
-    let second = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let second = Daemon::start_with_store(&p.bosh, &p.domain, &store, |_| {}).await;
     let mut p1 = second.page("g25a", &h.token).await; // the same cookie/token works
     assert_eq!(p1.jid, "g25a@localhost/boshmux");
     assert_eq!(
@@ -96,9 +108,8 @@ async fn a_restart_keeps_the_upstream_session_and_delivers_what_arrived_meanwhil
 
 both!(a_session_lost_upstream_while_down_is_dropped_cleanly);
 async fn a_session_lost_upstream_while_down_is_dropped_cleanly(p: Server) {
-    let path = state_path("lost");
-    let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());
-    let first = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let store = Store::memory();
+    let first = Daemon::start_with_store(&p.bosh, &p.domain, &store, |_| {}).await;
     let h = first.handoff("g26a", "pw-g26a").await;
     let mut page = first.page("g26a", &h.token).await;
     first.stop().await;
@@ -106,7 +117,7 @@ async fn a_session_lost_upstream_while_down_is_dropped_cleanly(p: Server) {
     // As if the server's inactivity window had passed: the session is gone upstream.
     p.kill_session("g26a@localhost/boshmux");
 
-    let second = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let second = Daemon::start_with_store(&p.bosh, &p.domain, &store, |_| {}).await;
     eventually("the dead session to be dropped", LIMIT, || async {
         let (status, _) = second
             .api(
@@ -134,9 +145,8 @@ both!(a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page)
 /// ejabberd answers it with the request's own stanzas. The page must not see its own message
 /// come back as if a contact had sent it.
 async fn a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_page(p: Server) {
-    let path = state_path("echo");
-    let tune = |c: &mut boshmux::config::Config| c.state_file = Some(path.clone());
-    let first = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let store = Store::memory();
+    let first = Daemon::start_with_store(&p.bosh, &p.domain, &store, |_| {}).await;
     let h = first.handoff("g32a", "pw-g32a").await;
     let mut page = first.page("g32a", &h.token).await;
     page.send(&Element::new("presence", ns::CLIENT)).await;
@@ -157,7 +167,7 @@ async fn a_message_in_the_held_request_at_a_restart_is_not_echoed_back_to_the_pa
     first.stop().await;
     assert_eq!(page.closed().await.code, 1012);
 
-    let second = Daemon::start(&p.bosh, &p.domain, tune).await;
+    let second = Daemon::start_with_store(&p.bosh, &p.domain, &store, |_| {}).await;
     let mut page = second.page("g32a", &h.token).await;
     // A new request makes the server release the resent one, with nothing new in it.
     page.send(&chat("g32b@localhost", "sent after the restart"))

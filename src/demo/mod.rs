@@ -241,7 +241,7 @@ async fn login(State(st): State<AppState>, Form(pick): Form<Pick>) -> Response {
     if let Err(e) = http::api::hand_off(&st, &bare, creds).await {
         return e.into_response();
     }
-    let (token, _) = st.registry.issue_token(&bare);
+    let (token, _) = st.registry.issue_token(&bare).await;
     with_cookie(redirect("/demo"), &token)
 }
 

@@ -143,8 +143,8 @@ async fn create(
         }
     };
     let (full, created) = hand_off(&st, &bare, creds).await?;
-    let (token, expires) = st.registry.issue_token(&bare);
-    let ticket = st.registry.issue_ticket(&bare);
+    let (token, expires) = st.registry.issue_token(&bare).await;
+    let ticket = st.registry.issue_ticket(&bare).await;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -260,7 +260,7 @@ pub async fn handoff(
     if st.registry.get(&bare).is_none() {
         return Err(ApiError::BadTicket);
     }
-    let (token, _) = st.registry.issue_token(&bare);
+    let (token, _) = st.registry.issue_token(&bare).await;
     let https = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())

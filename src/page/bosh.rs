@@ -871,7 +871,7 @@ mod tests {
     use super::*;
     use crate::bosh::{BoshClient, BoshConfig, Credentials};
     use crate::session::Registry;
-    use crate::session::registry::Settings;
+    use crate::session::deps::Settings;
 
     fn registry() -> Arc<Registry> {
         let settings = Settings {
@@ -889,7 +889,7 @@ mod tests {
         };
         // Nothing listens there: the session never logs in, which a prebind does not need.
         let client = BoshClient::new(BoshConfig::new("http://127.0.0.1:9/http-bind")).unwrap();
-        Registry::new(settings, client)
+        Registry::new(settings, client, crate::store::Store::none())
     }
 
     fn ctx(registry: &Arc<Registry>, page: u64) -> PageContext {

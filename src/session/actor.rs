@@ -15,12 +15,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::deps::Deps;
 use super::mux::{Effect, Mux, PageId};
-use super::registry::Registry;
+use super::persist::{self, Caches};
 use super::{AttachError, Command, PageLink, PageOut, Readiness, SessionHandle, SessionInfo};
-use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials};
+use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials, SessionMeta};
 use crate::page::Frame;
-use crate::state::SavedSession;
+use crate::store::{SessionRecord, StoreError, Write};
 use crate::xmpp::{Element, Jid};
 
 use crate::page::close::{
@@ -30,39 +31,38 @@ use crate::page::close::{
 
 /// Stanzas from pages held while the upstream session is being re-established.
 const HELD_WHILE_RECONNECTING: usize = 1000;
+/// How long a change to the caches made by a page may wait to be written (a response from
+/// upstream writes them at once, with its mark).
+const CACHES_DELAY: Duration = Duration::from_millis(200);
 
 /// Starts the actor for `bare`; it logs in at once.
-pub(crate) fn spawn(
-    registry: Arc<Registry>,
-    id: u64,
-    bare: Jid,
-    creds: Credentials,
-) -> SessionHandle {
-    start(registry, id, bare, creds, None)
+pub(crate) fn spawn(deps: Arc<Deps>, id: u64, bare: Jid, creds: Credentials) -> SessionHandle {
+    start(deps, id, bare, creds, None)
 }
 
-/// Starts the actor for a session saved by an earlier process; it resumes the upstream session
-/// instead of logging in. No password was saved, so it cannot log in again if that fails.
-pub(crate) fn spawn_restored(
-    registry: Arc<Registry>,
+/// Starts the actor for a session found in the store at start (SPEC §8): it takes the record
+/// over and resumes the upstream session instead of logging in. No password is stored, so a
+/// later loss logs in again only through `relogin_url`.
+pub(crate) fn spawn_recovered(
+    deps: Arc<Deps>,
     id: u64,
-    full: Jid,
-    saved: SavedSession,
+    bare: Jid,
+    record: SessionRecord,
 ) -> SessionHandle {
     let creds = Credentials::Attach {
-        jid: full.clone(),
-        sid: saved.params.sid.clone(),
-        rid: saved.next_rid,
+        jid: bare.clone(),
+        sid: String::new(),
+        rid: 0,
     };
-    start(registry, id, full.to_bare(), creds, Some(saved))
+    start(deps, id, bare, creds, Some(record))
 }
 
 fn start(
-    registry: Arc<Registry>,
+    deps: Arc<Deps>,
     id: u64,
     bare: Jid,
     creds: Credentials,
-    restore: Option<SavedSession>,
+    recover: Option<SessionRecord>,
 ) -> SessionHandle {
     let (tx, commands) = mpsc::channel(256);
     let attached = matches!(creds, Credentials::Attach { .. });
@@ -76,7 +76,7 @@ fn start(
         ready,
     };
     let actor = Actor {
-        registry,
+        deps,
         id,
         bare,
         creds,
@@ -86,14 +86,16 @@ fn start(
         pages: HashMap::new(),
         grace_until: None,
         held: VecDeque::new(),
-        restore,
+        recover,
+        dirty: false,
+        caches_at: None,
     };
     tokio::spawn(actor.run());
     handle
 }
 
 struct Actor {
-    registry: Arc<Registry>,
+    deps: Arc<Deps>,
     id: u64,
     bare: Jid,
     creds: Credentials,
@@ -105,20 +107,40 @@ struct Actor {
     grace_until: Option<Instant>,
     /// Upstream-bound stanzas waiting for a re-login to finish.
     held: VecDeque<Element>,
-    /// A session saved by an earlier process, to resume instead of logging in.
-    restore: Option<SavedSession>,
+    /// A session found in the store at start, to resume instead of logging in.
+    recover: Option<SessionRecord>,
+    /// The caches changed since they were last written.
+    dirty: bool,
+    /// When changed caches are written if no upstream response writes them first.
+    caches_at: Option<Instant>,
 }
 
 /// How the running session ended: pages are closed with this code and reason; upstream is
-/// already gone or terminated.
-struct End(u16, &'static str);
+/// already gone or terminated. `keep`: the store record stays (a suspend for the next process,
+/// or a session another owner took over); otherwise it is removed with the session's tokens.
+struct End {
+    code: u16,
+    reason: &'static str,
+    keep: bool,
+}
+
+impl End {
+    /// The session is over: its record and tokens go.
+    fn over(code: u16, reason: &'static str) -> End {
+        End {
+            code,
+            reason,
+            keep: false,
+        }
+    }
+}
 
 impl Actor {
     async fn run(mut self) {
-        if let Some(saved) = self.restore.take() {
-            return self.run_restored(saved).await;
+        if let Some(record) = self.recover.take() {
+            return self.run_recovered(record).await;
         }
-        let resource = self.registry.settings.resource.clone();
+        let resource = self.deps.settings.resource.clone();
         let first = self.login(&resource).await;
         let session = match first {
             Ok(s) => s,
@@ -136,8 +158,8 @@ impl Actor {
             }
         };
         tracing::info!(user = %self.bare, "session established");
-        self.registry.metrics.logins.fetch_add(1, Ordering::Relaxed);
-        let settings = &self.registry.settings;
+        self.deps.metrics.logins.fetch_add(1, Ordering::Relaxed);
+        let settings = &self.deps.settings;
         let mux = Mux::new(
             session.jid.clone(),
             settings.offline_buffer,
@@ -156,86 +178,196 @@ impl Actor {
         self.serve_to_end(session, mux).await;
     }
 
-    /// Resumes a session saved by an earlier process: the BOSH session continues where it was
-    /// (unanswered requests resent first), caches and tokens as they were.
-    async fn run_restored(mut self, saved: SavedSession) {
-        let (Ok(full), Some(suspended)) = (Jid::parse(&saved.jid), saved.suspended()) else {
-            tracing::warn!(user = %self.bare, "saved session is damaged; dropped");
-            let _ = self.ready.send(Readiness::Failed {
-                message: "saved session is damaged".into(),
-                auth: false,
-                timed_out: false,
-            });
-            self.finish();
-            return;
+    /// Takes over a session found in the store (SPEC §8, RECOVERY.md): the upstream session
+    /// continues where the record says (unanswered requests resent first, once each), caches
+    /// and tokens as they were. A damaged record is dropped; a record another owner holds now is
+    /// left alone.
+    async fn run_recovered(mut self, record: SessionRecord) {
+        let store = match self.deps.store.take_over(&record).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(user = %self.bare, error = %e, "stored session not taken over");
+                return self.fail("stored session not taken over");
+            }
         };
-        let settings = &self.registry.settings;
-        let session = self.registry.client.resume(full.clone(), suspended);
+        let decoded = SessionMeta::decode(&record.meta)
+            .ok()
+            .and_then(|meta| Some((Jid::parse(&meta.jid).ok()?, meta)))
+            .zip(persist::decode(&record.caches).ok());
+        let Some(((full, meta), caches)) = decoded else {
+            tracing::warn!(user = %self.bare, "stored session is damaged; dropped");
+            if let Err(e) = store.remove().await {
+                tracing::warn!(user = %self.bare, error = %e, "damaged record not removed");
+            }
+            return self.fail("stored session is damaged");
+        };
+        let session = match self.deps.client.resume(&record, store) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(user = %self.bare, error = %e, "stored session not resumed");
+                return self.fail("stored session not resumed");
+            }
+        };
+        self.creds = Credentials::Attach {
+            jid: full.clone(),
+            sid: meta.params.sid.clone(),
+            rid: session.handle.next_rid(),
+        };
+        let settings = &self.deps.settings;
         let mux = Mux::restore(
             full.clone(),
             settings.offline_buffer,
             settings.iq_timeout,
             settings.grace,
-            &saved.mux,
+            &caches.mux,
             Instant::now(),
         );
-        // Pages closed with 1012 reconnect; until then this is an ordinary grace period.
+        for stanza in persist::stanzas(&caches.outbound) {
+            self.upstream(stanza, &session);
+        }
+        // Pages reconnect; until then this is an ordinary grace period.
         self.grace_until = Some(Instant::now() + settings.grace);
         {
             let mut info = self.info.lock();
             info.jid = Some(full.to_string());
             info.upstream = "live";
             info.upstream_handle = Some(session.handle.clone());
-            if saved.created > 0 {
-                info.created = std::time::UNIX_EPOCH + Duration::from_secs(saved.created);
+            if meta.created > 0 {
+                info.created = std::time::UNIX_EPOCH + Duration::from_secs(meta.created);
             }
         }
-        tracing::info!(user = %self.bare, "session resumed from the state file");
+        tracing::info!(user = %self.bare, "session taken over from the store");
         let _ = self.ready.send(Readiness::Ready(full));
         self.serve_to_end(session, mux).await;
     }
 
-    async fn serve_to_end(&mut self, session: BoshSession, mut mux: Mux) {
-        let End(code, reason) = self.serve(session, &mut mux).await;
-        self.close_pages(code, reason);
+    /// Ends an actor that never had a session.
+    fn fail(mut self, message: &str) {
+        let _ = self.ready.send(Readiness::Failed {
+            message: message.into(),
+            auth: false,
+            timed_out: false,
+        });
         self.finish();
     }
 
-    /// Marks the session ended and leaves the registry (revoking its tokens).
+    async fn serve_to_end(&mut self, session: BoshSession, mut mux: Mux) {
+        let (end, session) = self.serve(session, &mut mux).await;
+        self.close_pages(end.code, end.reason);
+        if !end.keep
+            && let Err(e) = session.store.remove().await
+        {
+            tracing::warn!(user = %self.bare, error = %e, "ended session not removed from the store");
+        }
+        self.finish();
+    }
+
+    /// Marks the session ended and leaves the table (revoking its tokens in memory).
     fn finish(&mut self) {
         {
             let mut info = self.info.lock();
             info.upstream = "ended";
             info.upstream_handle = None;
         }
-        self.registry.remove(&self.bare, self.id);
+        self.deps.sessions.remove(&self.bare, self.id);
+        self.deps.tokens.revoke(&self.bare);
         self.commands.close();
     }
 
     async fn login(&self, resource: &str) -> Result<BoshSession, BoshError> {
-        let _permit = self.registry.logins.acquire().await;
-        self.registry
+        let _permit = self.deps.logins.acquire().await;
+        self.deps
             .client
-            .connect(&self.creds, Some(resource))
+            .connect(&self.creds, Some(resource), &self.deps.store)
             .await
     }
 
-    async fn serve(&mut self, mut session: BoshSession, mux: &mut Mux) -> End {
+    /// The caches as the store keeps them.
+    fn caches(mux: &Mux, outbound: Vec<Element>) -> bytes::Bytes {
+        persist::encode(&Caches {
+            mux: mux.snapshot(),
+            outbound: outbound.iter().map(Element::to_xml).collect(),
+        })
+    }
+
+    /// Notes a change to the caches that no upstream response will write soon.
+    fn caches_changed(&mut self) {
+        self.dirty = true;
+        if self.caches_at.is_none() {
+            self.caches_at = Some(Instant::now() + CACHES_DELAY);
+        }
+    }
+
+    /// Writes `write` to the session's record. `Err` only when another owner holds the session
+    /// now (the caller stops driving it); an unavailable store costs durability, not the session.
+    async fn record(&self, session: &BoshSession, write: Write) -> Result<(), StoreError> {
+        match session.store.write(write).await {
+            Err(e @ StoreError::Fenced { .. }) => Err(e),
+            Err(e) => {
+                self.deps
+                    .metrics
+                    .store_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(user = %self.bare, error = %e, "session record not written");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Takes in the response to `rid`: the rules see its stanzas, the record gets the mark (and
+    /// the caches, when they changed) before any page sees them — a crash after the mark can
+    /// cost a page a frame in flight, never show it one twice — then pages get their frames.
+    async fn on_response(
+        &mut self,
+        rid: u64,
+        stanzas: Vec<Element>,
+        mux: &mut Mux,
+        session: &BoshSession,
+        live: bool,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut effects = Vec::new();
+        let attached = !self.pages.is_empty();
+        for stanza in stanzas {
+            self.touch(true);
+            self.deps.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
+            self.dirty |= persist::inbound_changes_caches(&stanza, attached);
+            effects.extend(mux.from_upstream(stanza, now));
+        }
+        let caches = std::mem::take(&mut self.dirty).then(|| Self::caches(mux, Vec::new()));
+        if caches.is_some() {
+            self.caches_at = None;
+        }
+        self.record(session, Write::HandedOn { rid, caches })
+            .await?;
+        session.handle.handed_on(rid);
+        self.apply(effects, mux, session, live);
+        Ok(())
+    }
+
+    async fn serve(&mut self, mut session: BoshSession, mux: &mut Mux) -> (End, BoshSession) {
         // Aborted when dropped: whichever way `serve` returns (stop, logout, suspend, grace), a
         // re-login still under way must not bind the resource afterwards.
         let mut relogin: Option<AbortOnDropHandle<Result<BoshSession, BoshError>>> = None;
         let mut live = true;
+        let moved = End {
+            code: CLOSE_RESTARTING,
+            reason: "session moved to another owner",
+            keep: true,
+        };
         loop {
             let grace = self.grace_until;
             let iq_deadline = mux.next_deadline();
+            let caches_at = self.caches_at;
             tokio::select! {
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else {
-                        return End(CLOSE_RESTARTING, "daemon stopping");
+                        return (End::over(CLOSE_RESTARTING, "daemon stopping"), session);
                     };
                     match cmd {
                         Command::Attach { link, reply } => {
-                            if self.pages.len() >= self.registry.settings.pages_per_user {
+                            if self.pages.len() >= self.deps.settings.pages_per_user {
                                 let _ = reply.send(Err(AttachError::TooManyPages));
                                 continue;
                             }
@@ -244,11 +376,15 @@ impl Actor {
                             self.grace_until = None;
                             let effects = mux.page_bound(page);
                             let _ = reply.send(Ok(mux.jid().clone()));
+                            self.caches_changed();
                             self.apply(effects, mux, &session, live);
                         }
                         Command::FromPage { page, stanza } => {
                             if self.pages.contains_key(&page) {
                                 self.touch(false);
+                                if persist::outbound_changes_caches(&stanza) {
+                                    self.caches_changed();
+                                }
                                 let effects = mux.from_page(page, stanza, Instant::now());
                                 self.apply(effects, mux, &session, live);
                             }
@@ -256,62 +392,67 @@ impl Actor {
                         Command::Detach { page } => self.detach(page, mux, &session, live),
                         Command::Logout { done } => {
                             tracing::info!(user = %self.bare, "logout");
-                            self.registry.revoke(&self.bare);
+                            self.deps.tokens.revoke(&self.bare);
+                            // The record (and the stored tokens) go before anything else: a
+                            // crash from here on must not bring the session back.
+                            if let Err(e) = session.store.remove().await {
+                                tracing::warn!(user = %self.bare, error = %e, "logged-out session not removed from the store");
+                            }
                             self.close_pages(CLOSE_REVOKED, "session revoked");
                             let _ = session.handle.terminate(vec![mux.farewell()]).await;
                             let _ = done.send(());
-                            return End(CLOSE_REVOKED, "session revoked");
+                            return (End::over(CLOSE_REVOKED, "session revoked"), session);
                         }
                         Command::Suspend { done } => {
                             self.close_pages(CLOSE_RESTARTING, "daemon restarting");
-                            let mut saved = None;
-                            if live && let Ok(s) = session.handle.suspend().await {
-                                let attached = !matches!(self.creds, Credentials::Password { .. });
-                                let tokens = self.registry.export_tokens(&self.bare);
-                                let created = self.info.lock().created;
-                                saved = Some(SavedSession::new(
-                                    mux.jid().to_string(),
-                                    attached,
-                                    s,
-                                    mux.snapshot(),
-                                    tokens,
-                                    created,
-                                ));
+                            let mut kept = false;
+                            if live && let Ok(outbound) = session.handle.suspend().await {
+                                let caches = Self::caches(mux, outbound);
+                                kept = self.record(&session, Write::Caches(caches)).await.is_ok();
                             }
-                            let _ = done.send(saved);
-                            return End(CLOSE_RESTARTING, "daemon restarting");
+                            let _ = done.send(kept);
+                            let end = End {
+                                code: CLOSE_RESTARTING,
+                                reason: "daemon restarting",
+                                keep: kept,
+                            };
+                            return (end, session);
                         }
                         Command::Stop { done } => {
-                            // Nothing survives this stop (no state file): a page that reconnected
-                            // would only fail to authenticate, so it is told not to.
+                            // Nothing survives this stop (no durable store): a page that
+                            // reconnected would only fail to authenticate, so it is told not to.
                             self.close_pages(CLOSE_LOST, "daemon stopped; session ended");
                             let _ = session.handle.terminate(vec![mux.farewell()]).await;
                             let _ = done.send(());
-                            return End(CLOSE_LOST, "daemon stopped; session ended");
+                            return (End::over(CLOSE_LOST, "daemon stopped; session ended"), session);
                         }
                     }
                 }
                 event = session.events.recv(), if live => {
                     match event {
-                        Some(BoshEvent::Stanza(stanza)) => {
-                            self.touch(true);
-                            self.registry.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
-                            let effects = mux.from_upstream(stanza, Instant::now());
-                            self.apply(effects, mux, &session, live);
+                        Some(BoshEvent::Response { rid, stanzas }) => {
+                            if self.on_response(rid, stanzas, mux, &session, live).await.is_err() {
+                                tracing::warn!(user = %self.bare, "session taken over by another owner; no longer driven here");
+                                return (moved, session);
+                            }
                         }
                         Some(BoshEvent::Retrying { .. }) => self.info.lock().upstream = "retrying",
                         Some(BoshEvent::Recovered) => self.info.lock().upstream = "live",
                         Some(BoshEvent::Ended(Ok(()))) | None => {
-                            return End(CLOSE_LOST, "upstream session ended");
+                            return (End::over(CLOSE_LOST, "upstream session ended"), session);
+                        }
+                        Some(BoshEvent::Ended(Err(BoshError::Fenced))) => {
+                            tracing::warn!(user = %self.bare, "session taken over by another owner; no longer driven here");
+                            return (moved, session);
                         }
                         Some(BoshEvent::Ended(Err(e))) => {
                             live = false;
-                            self.registry.metrics.terminal_error(&terminal_condition(&e));
+                            self.deps.metrics.terminal_error(&terminal_condition(&e));
                             if !self.may_relogin(&e) {
                                 tracing::info!(user = %self.bare, error = %e, "upstream session lost");
                                 let effects = mux.notice("lost");
                                 self.apply(effects, mux, &session, live);
-                                return End(CLOSE_LOST, "upstream session lost");
+                                return (End::over(CLOSE_LOST, "upstream session lost"), session);
                             }
                             tracing::info!(user = %self.bare, error = %e, "upstream session lost, logging in again");
                             self.info.lock().upstream = "reconnecting";
@@ -335,13 +476,15 @@ impl Actor {
                                 let mut info = self.info.lock();
                                 info.upstream = "live";
                                 info.relogins += 1;
-                                self.registry.metrics.relogins.fetch_add(1, Ordering::Relaxed);
-                                self.registry.metrics.logins.fetch_add(1, Ordering::Relaxed);
+                                self.deps.metrics.relogins.fetch_add(1, Ordering::Relaxed);
+                                self.deps.metrics.logins.fetch_add(1, Ordering::Relaxed);
                                 info.jid = Some(session.jid.to_string());
                                 info.upstream_handle = Some(session.handle.clone());
                             }
                             let mut effects = mux.upstream_reset();
                             effects.extend(mux.notice("restored"));
+                            // The new session's record starts with empty caches.
+                            self.caches_changed();
                             self.apply(effects, mux, &session, live);
                             for stanza in std::mem::take(&mut self.held) {
                                 self.upstream(stanza, &session);
@@ -351,9 +494,9 @@ impl Actor {
                             tracing::info!(user = %self.bare, error = %e, "re-login failed");
                             let effects = mux.notice("lost");
                             self.apply(effects, mux, &session, live);
-                            return End(CLOSE_LOST, "upstream session lost");
+                            return (End::over(CLOSE_LOST, "upstream session lost"), session);
                         }
-                        Err(_) => return End(CLOSE_LOST, "upstream session lost"),
+                        Err(_) => return (End::over(CLOSE_LOST, "upstream session lost"), session),
                     }
                 }
                 () = sleep_until(grace), if grace.is_some() => {
@@ -361,11 +504,20 @@ impl Actor {
                     if live {
                         let _ = session.handle.terminate(vec![mux.farewell()]).await;
                     }
-                    return End(CLOSE_LOST, "session ended");
+                    return (End::over(CLOSE_LOST, "session ended"), session);
                 }
                 () = sleep_until(iq_deadline), if iq_deadline.is_some() => {
                     let effects = mux.expire(Instant::now());
                     self.apply(effects, mux, &session, live);
+                }
+                () = sleep_until(caches_at), if caches_at.is_some() => {
+                    self.caches_at = None;
+                    if std::mem::take(&mut self.dirty) && live {
+                        let caches = Self::caches(mux, Vec::new());
+                        if self.record(&session, Write::Caches(caches)).await.is_err() {
+                            return (moved, session);
+                        }
+                    }
                 }
             }
         }
@@ -381,19 +533,21 @@ impl Actor {
 
     /// Logs in again in the background: same resource, jittered exponential backoff.
     fn spawn_relogin(&self, resource: &str) -> JoinHandle<Result<BoshSession, BoshError>> {
-        let registry = self.registry.clone();
+        let deps = self.deps.clone();
         let creds = self.creds.clone();
         let resource = resource.to_owned();
         tokio::spawn(async move {
-            let attempts = registry.settings.relogin_attempts.max(1);
-            let mut delay = registry.settings.relogin_backoff;
+            let attempts = deps.settings.relogin_attempts.max(1);
+            let mut delay = deps.settings.relogin_backoff;
             let mut last = BoshError::Closed;
             for attempt in 1..=attempts {
                 let jittered = delay / 2 + delay.mul_f64(rand::random::<f64>() / 2.0);
                 tokio::time::sleep(jittered).await;
                 let result = {
-                    let _permit = registry.logins.acquire().await;
-                    registry.client.connect(&creds, Some(&resource)).await
+                    let _permit = deps.logins.acquire().await;
+                    deps.client
+                        .connect(&creds, Some(&resource), &deps.store)
+                        .await
                 };
                 match result {
                     Ok(s) => return Ok(s),
@@ -414,9 +568,10 @@ impl Actor {
             return;
         }
         let effects = mux.page_gone(page, Instant::now());
+        self.caches_changed();
         self.apply(effects, mux, session, live);
         if self.pages.is_empty() {
-            self.grace_until = Some(Instant::now() + self.registry.settings.grace);
+            self.grace_until = Some(Instant::now() + self.deps.settings.grace);
         }
     }
 
@@ -467,7 +622,7 @@ impl Actor {
         {
             let mut info = self.info.lock();
             let stats = mux.stats();
-            let metrics = &self.registry.metrics;
+            let metrics = &self.deps.metrics;
             metrics
                 .buffered
                 .fetch_add(stats.buffered - info.buffered, Ordering::Relaxed);
@@ -486,7 +641,7 @@ impl Actor {
                     .send(PageOut::Close(CLOSE_SLOW, "page too slow to read"));
             }
             self.info.lock().slow_pages += 1;
-            self.registry
+            self.deps
                 .metrics
                 .slow_page_closes
                 .fetch_add(1, Ordering::Relaxed);
@@ -501,7 +656,7 @@ impl Actor {
         };
         let len = frame.len();
         let queued = link.queued.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.registry.settings.page_queue_bytes {
+        if queued > self.deps.settings.page_queue_bytes {
             link.queued.fetch_sub(len, Ordering::Relaxed);
             if !slow.contains(&page) {
                 slow.push(page);
@@ -517,7 +672,7 @@ impl Actor {
         match session.handle.try_send(stanza) {
             Ok(()) => {
                 self.info.lock().stanzas_out += 1;
-                self.registry
+                self.deps
                     .metrics
                     .stanzas_out
                     .fetch_add(1, Ordering::Relaxed);

@@ -5,13 +5,16 @@
 
 pub mod actor;
 pub mod carbons;
+pub mod deps;
 pub mod effect;
 pub mod iq;
 pub mod mux;
+pub mod persist;
 pub mod presence;
 pub mod registry;
 pub mod rooms;
 pub mod roster;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -161,14 +164,15 @@ pub(crate) enum Command {
     Logout {
         done: oneshot::Sender<()>,
     },
-    /// Daemon stop without a state file: nothing survives, so pages are closed with 4004 (not
-    /// 1012: reconnecting would only fail) and upstream is terminated.
+    /// Daemon stop without a durable store: nothing survives, so pages are closed with 4004
+    /// (not 1012: reconnecting would only fail) and upstream is terminated.
     Stop {
         done: oneshot::Sender<()>,
     },
-    /// Daemon stop with a state file: pages closed with 1012, upstream kept, state handed back.
+    /// Daemon stop with a durable store: pages closed with 1012, upstream kept, the record
+    /// brought up to date for whoever takes the session over; `true` when it was.
     Suspend {
-        done: oneshot::Sender<Option<crate::state::SavedSession>>,
+        done: oneshot::Sender<bool>,
     },
 }
 
@@ -243,12 +247,14 @@ impl SessionHandle {
         }
     }
 
-    /// Stops the session for a restart, leaving it alive upstream; returns what the next
-    /// process needs to take it over (`None` if it could not be kept).
-    pub async fn suspend(&self) -> Option<crate::state::SavedSession> {
+    /// Stops the session for a restart, leaving it alive upstream with its store record up to
+    /// date for the next process (SPEC §8); `false` if it could not be kept.
+    pub async fn suspend(&self) -> bool {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Command::Suspend { done }).await.ok()?;
-        rx.await.ok().flatten()
+        if self.tx.send(Command::Suspend { done }).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// True once the actor has ended.

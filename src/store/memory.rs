@@ -179,7 +179,8 @@ impl Backend for MemoryStore {
     }
 
     fn durable(&self) -> bool {
-        false
+        // A daemon that stops leaves its sessions here for the next one in this process.
+        true
     }
 }
 

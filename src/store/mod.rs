@@ -187,7 +187,8 @@ pub trait Backend: Send + Sync + 'static {
     fn put_credential(&self, credential: Credential) -> StoreFuture<()>;
     /// Removes a credential.
     fn remove_credential(&self, kind: CredentialKind, hash: [u8; 32]) -> StoreFuture<()>;
-    /// Whether what is written outlives the process (false for the in-memory and the null store).
+    /// Whether what is written outlives the daemon that wrote it, so that a stop leaves sessions
+    /// alive for whoever reads the store next (false only for the null store).
     fn durable(&self) -> bool;
 }
 
@@ -223,7 +224,7 @@ impl Store {
         Store::new(memory::MemoryStore::default())
     }
 
-    /// Whether sessions outlive the process with this store.
+    /// Whether sessions outlive the daemon with this store (see [`Backend::durable`]).
     pub fn durable(&self) -> bool {
         self.backend.durable()
     }
@@ -303,7 +304,7 @@ impl SessionStore {
         self.epoch
     }
 
-    /// Whether writes outlive the process.
+    /// Whether writes outlive the daemon (see [`Backend::durable`]).
     pub fn durable(&self) -> bool {
         self.store.durable()
     }

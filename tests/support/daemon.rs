@@ -42,6 +42,26 @@ pub struct Handoff {
 impl Daemon {
     /// Starts a daemon in front of `bosh_url`; `tune` adjusts the configuration.
     pub async fn start(bosh_url: &str, domain: &str, tune: impl FnOnce(&mut Config)) -> Daemon {
+        Daemon::start_with(bosh_url, domain, None, tune).await
+    }
+
+    /// Like [`Daemon::start`], keeping sessions in `store` (shared with a later daemon: a
+    /// restart within the test process).
+    pub async fn start_with_store(
+        bosh_url: &str,
+        domain: &str,
+        store: &boshmux::store::Store,
+        tune: impl FnOnce(&mut Config),
+    ) -> Daemon {
+        Daemon::start_with(bosh_url, domain, Some(store.clone()), tune).await
+    }
+
+    async fn start_with(
+        bosh_url: &str,
+        domain: &str,
+        store: Option<boshmux::store::Store>,
+        tune: impl FnOnce(&mut Config),
+    ) -> Daemon {
         let mut cfg = Config {
             bosh_url: Some(bosh_url.to_owned()),
             xmpp_domain: Some(domain.to_owned()),
@@ -51,7 +71,11 @@ impl Daemon {
             ..Config::default()
         };
         tune(&mut cfg);
-        let state = boshmux::server::build(cfg).expect("daemon config");
+        let state = match store {
+            Some(store) => boshmux::server::build_with_store(cfg, store),
+            None => boshmux::server::build(cfg),
+        }
+        .expect("daemon config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -67,6 +91,17 @@ impl Daemon {
             domain: domain.to_owned(),
             stop: Some(stop),
             task: Some(task),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A daemon running elsewhere (another process) at `addr`; `stop` does nothing.
+    pub fn external(addr: SocketAddr, domain: &str) -> Daemon {
+        Daemon {
+            addr,
+            domain: domain.to_owned(),
+            stop: None,
+            task: None,
             http: reqwest::Client::new(),
         }
     }

@@ -6,6 +6,7 @@ pub mod bosh_page;
 pub mod daemon;
 pub mod fuzz;
 pub mod node;
+pub mod process;
 
 use std::future::Future;
 use std::process::Command;

@@ -1,0 +1,208 @@
+//! Browser credentials (SPEC §3): tokens (sliding idle expiry, revoked with their session) and
+//! one-time tickets, each leading to a canonical bare JID. Kept as SHA-256 hashes, in memory and
+//! in the store (SPEC §8), so that a token issued before a crash works after it and a revoked
+//! one stays revoked.
+//!
+//! Locks are `parking_lot` mutexes held for short, synchronous sections; store writes happen
+//! after the lock is released.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
+
+use crate::store::{Credential, CredentialKind, Store, StoreError, unix_now};
+use crate::xmpp::Jid;
+
+struct Entry {
+    bare: Jid,
+    expires: Instant,
+    /// The expiry the store has (tokens slide; the store is told when it lags by a quarter TTL).
+    stored_expires: Instant,
+}
+
+/// Tokens and tickets of every session of one daemon.
+pub struct Tokens {
+    store: Store,
+    token_ttl: Duration,
+    ticket_ttl: Duration,
+    tokens: Mutex<HashMap<[u8; 32], Entry>>,
+    tickets: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+impl Tokens {
+    /// Empty; tokens live `token_ttl` after their last use, tickets `ticket_ttl` after issue.
+    pub fn new(store: Store, token_ttl: Duration, ticket_ttl: Duration) -> Tokens {
+        Tokens {
+            store,
+            token_ttl,
+            ticket_ttl,
+            tokens: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes in credentials read from the store at start (expired ones were not loaded).
+    pub fn restore(&self, stored: &[Credential]) {
+        let now = Instant::now();
+        let unix = unix_now();
+        for c in stored {
+            let Ok(bare) = Jid::parse(&c.bare) else {
+                continue;
+            };
+            let expires = now + Duration::from_secs(c.expires_at.saturating_sub(unix));
+            let entry = Entry {
+                bare: bare.to_bare(),
+                expires,
+                stored_expires: expires,
+            };
+            match c.kind {
+                CredentialKind::Token => self.tokens.lock().insert(c.hash, entry),
+                CredentialKind::Ticket => self.tickets.lock().insert(c.hash, entry),
+            };
+        }
+    }
+
+    /// A new token for `bare` and when it expires if unused; stored before it is returned.
+    pub async fn issue_token(&self, bare: &Jid) -> (String, SystemTime) {
+        let token = self.issue(CredentialKind::Token, bare).await;
+        (token, SystemTime::now() + self.token_ttl)
+    }
+
+    /// A one-time ticket for `bare`; stored before it is returned.
+    pub async fn issue_ticket(&self, bare: &Jid) -> String {
+        self.issue(CredentialKind::Ticket, bare).await
+    }
+
+    /// The user a token belongs to; using it extends its life.
+    pub fn check_token(&self, token: &str) -> Option<Jid> {
+        let now = Instant::now();
+        let h = hash(token);
+        let (bare, persist) = {
+            let mut tokens = self.tokens.lock();
+            let e = tokens.get_mut(&h)?;
+            if e.expires <= now {
+                return None;
+            }
+            e.expires = now + self.token_ttl;
+            let lagging = e.expires.duration_since(e.stored_expires) > self.token_ttl / 4;
+            if lagging {
+                e.stored_expires = e.expires;
+            }
+            (e.bare.clone(), lagging)
+        };
+        if persist {
+            let store = self.store.clone();
+            let c = credential(CredentialKind::Token, h, &bare, self.token_ttl);
+            tokio::spawn(async move { warn_on_error(store.put_credential(c).await) });
+        }
+        Some(bare)
+    }
+
+    /// Redeems a ticket (at most once).
+    pub fn redeem_ticket(&self, ticket: &str) -> Option<Jid> {
+        let h = hash(ticket);
+        let e = self.tickets.lock().remove(&h)?;
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            warn_on_error(store.remove_credential(CredentialKind::Ticket, h).await);
+        });
+        (e.expires > Instant::now()).then_some(e.bare)
+    }
+
+    /// Forgets every token and ticket of `bare` in memory (the store drops them with the
+    /// session's record).
+    pub fn revoke(&self, bare: &Jid) {
+        self.tokens.lock().retain(|_, e| &e.bare != bare);
+        self.tickets.lock().retain(|_, e| &e.bare != bare);
+    }
+
+    async fn issue(&self, kind: CredentialKind, bare: &Jid) -> String {
+        let ttl = match kind {
+            CredentialKind::Token => self.token_ttl,
+            CredentialKind::Ticket => self.ticket_ttl,
+        };
+        let mut raw = [0u8; 32];
+        rand::fill(&mut raw);
+        let secret = URL_SAFE_NO_PAD.encode(raw);
+        let h = hash(&secret);
+        let now = Instant::now();
+        {
+            let map = match kind {
+                CredentialKind::Token => &self.tokens,
+                CredentialKind::Ticket => &self.tickets,
+            };
+            let mut map = map.lock();
+            if map.len() % 256 == 255 {
+                map.retain(|_, e| e.expires > now);
+            }
+            map.insert(
+                h,
+                Entry {
+                    bare: bare.clone(),
+                    expires: now + ttl,
+                    stored_expires: now + ttl,
+                },
+            );
+        }
+        warn_on_error(
+            self.store
+                .put_credential(credential(kind, h, bare, ttl))
+                .await,
+        );
+        secret
+    }
+}
+
+fn credential(kind: CredentialKind, hash: [u8; 32], bare: &Jid, ttl: Duration) -> Credential {
+    Credential {
+        kind,
+        hash,
+        bare: bare.to_string(),
+        expires_at: unix_now() + ttl.as_secs(),
+    }
+}
+
+/// A credential the store could not keep still works in this process; only a crash loses it.
+fn warn_on_error(r: Result<(), StoreError>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "credential not written to the store");
+    }
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tokens_issued_before_a_restart_work_after_it_and_revoked_ones_do_not() {
+        let store = Store::memory();
+        let ttl = Duration::from_secs(600);
+        let first = Tokens::new(store.clone(), ttl, Duration::from_secs(60));
+        let alice = Jid::parse("alice@x").unwrap();
+        let bob = Jid::parse("bob@x").unwrap();
+        let (ta, _) = first.issue_token(&alice).await;
+        let (tb, _) = first.issue_token(&bob).await;
+        let ticket = first.issue_ticket(&alice).await;
+        // Bob logs out: his session record goes, and his credentials with it.
+        let bob_session = store.create("bob@x", bytes::Bytes::new(), 0).await.unwrap();
+        bob_session.remove().await.unwrap();
+        first.revoke(&bob);
+
+        let second = Tokens::new(store.clone(), ttl, Duration::from_secs(60));
+        second.restore(&store.load().await.unwrap().credentials);
+        assert_eq!(second.check_token(&ta), Some(alice.clone()));
+        assert_eq!(second.check_token(&tb), None, "revoked before the restart");
+        assert_eq!(second.check_token("not-a-token"), None);
+        assert_eq!(second.redeem_ticket(&ticket), Some(alice));
+        assert_eq!(second.redeem_ticket(&ticket), None, "one-time");
+    }
+}

@@ -1,0 +1,147 @@
+//! The daemon as a real process (`boshmux serve`), for tests that kill it: `kill -9` at the
+//! moments that matter, then a new process on the same address and store directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt as _;
+use tokio::process::{Child, Command};
+
+use super::Server;
+use super::daemon::{API_KEY, Daemon, ORIGIN};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A `boshmux serve` process with an embedded store, restartable on the same port and store.
+pub struct DaemonProcess {
+    /// Talks to the current process (the page and API helpers of the in-process daemon).
+    pub daemon: Daemon,
+    child: Option<Child>,
+    bosh: String,
+    store: PathBuf,
+    addr: SocketAddr,
+    extra: Vec<(String, String)>,
+    /// Everything the processes logged (stderr), for failure messages.
+    pub log: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+/// A fresh store directory under the system's temporary directory.
+pub fn store_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "boshmux-store-{name}-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+impl DaemonProcess {
+    /// Starts `boshmux serve` in front of `p` with its store in `store`; `extra` are more
+    /// `BOSHMUX_*` variables.
+    pub async fn start(p: &Server, store: &Path, extra: &[(&str, &str)]) -> DaemonProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut d = DaemonProcess {
+            daemon: Daemon::external(SocketAddr::from(([127, 0, 0, 1], port)), &p.domain),
+            child: None,
+            bosh: p.bosh.clone(),
+            store: store.to_owned(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            extra: extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            log: Default::default(),
+        };
+        d.spawn().await;
+        d
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_boshmux"));
+        cmd.arg("serve")
+            .env("BOSHMUX_LISTEN", self.addr.to_string())
+            .env("BOSHMUX_BOSH_URL", &self.bosh)
+            .env("BOSHMUX_XMPP_DOMAIN", &self.daemon.domain)
+            .env("BOSHMUX_API_KEY", API_KEY)
+            .env("BOSHMUX_ALLOWED_ORIGINS", ORIGIN)
+            .env("BOSHMUX_BOSH_WAIT", "10")
+            .env("BOSHMUX_STORE", &self.store)
+            .env("BOSHMUX_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &self.extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("boshmux runs");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let log = self.log.clone();
+        tokio::time::timeout(LIMIT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let serving = line.contains("serving");
+                log.lock().push(line);
+                if serving {
+                    return;
+                }
+            }
+            panic!(
+                "the daemon exited before serving:\n{}",
+                log.lock().join("\n")
+            );
+        })
+        .await
+        .expect("the daemon serves");
+        // Keep reading its log so that it never blocks on a full pipe.
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.lock().push(line);
+            }
+        });
+        self.child = Some(child);
+    }
+
+    /// `kill -9`: no stop, no flush, nothing but what the store already has.
+    pub async fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.start_kill().unwrap(); // SIGKILL
+        child.wait().await.unwrap();
+    }
+
+    /// A new process on the same address and store.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        self.log.lock().push("---- restart ----".into());
+        self.spawn().await;
+    }
+
+    /// The value of the counter `name` in `/metrics` (0 when absent).
+    pub async fn counter(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.daemon.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The store directory.
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
