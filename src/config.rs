@@ -1015,6 +1015,7 @@ mod tests {
         assert_eq!(cfg.xmpp_domain.as_deref(), Some("example.com"));
         assert_eq!(cfg.limits.iq_timeout, Duration::from_secs(30));
         assert_eq!(cfg.token_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(cfg.login_timeout, Config::default().login_timeout);
         // The example documents the defaults.
         assert_eq!(cfg.limits, Limits::default());
         cfg.require_for_serve().unwrap();

@@ -282,10 +282,7 @@ mod tests {
             )]
         );
         for shown in [format!("{creds:?}"), format!("{client:?}")] {
-            assert!(
-                !shown.contains("CANARY") && !shown.contains(KEY),
-                "{shown}"
-            );
+            assert!(!shown.contains("CANARY") && !shown.contains(KEY), "{shown}");
         }
     }
 
