@@ -34,6 +34,12 @@ pub struct Config {
     /// Peers (reverse proxies) whose `X-Forwarded-For` names the client, and which are exempt
     /// from `limits.connections_per_address` (they bound their own clients).
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The web app's re-login endpoint (SPEC §7): asked for credentials when a session without a
+    /// password in memory is lost upstream. An http(s) URL.
+    pub relogin_url: Option<String>,
+    /// Longest a whole upstream login may take (create, SASL, bind) before it is given up; the
+    /// handoff API then answers 504.
+    pub login_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -52,6 +58,8 @@ impl std::fmt::Debug for Config {
             token_ttl,
             limits,
             trusted_proxies,
+            relogin_url,
+            login_timeout,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -66,6 +74,8 @@ impl std::fmt::Debug for Config {
             .field("token_ttl", token_ttl)
             .field("limits", limits)
             .field("trusted_proxies", trusted_proxies)
+            .field("relogin_url", relogin_url)
+            .field("login_timeout", login_timeout)
             .finish()
     }
 }
@@ -125,6 +135,8 @@ impl Default for Config {
             token_ttl: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
+            relogin_url: None,
+            login_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -241,6 +253,8 @@ const KEYS: &[&str] = &[
     "bosh_wait",
     "resource",
     "trusted_proxies",
+    "relogin_url",
+    "login_timeout",
     "limits.pages_per_user",
     "limits.users",
     "limits.stanza_bytes",
@@ -300,6 +314,9 @@ pub struct Flags {
     /// Where sessions outlive the process: a directory (embedded store) or `redis://host:port/db`.
     #[arg(long)]
     pub store: Option<String>,
+    /// The web app's re-login endpoint (SPEC §7), e.g. https://app.example.com/boshmux/relogin.
+    #[arg(long)]
+    pub relogin_url: Option<String>,
 }
 
 impl std::fmt::Debug for Flags {
@@ -313,6 +330,7 @@ impl std::fmt::Debug for Flags {
             allow_origin,
             grace,
             store,
+            relogin_url,
         } = self;
         f.debug_struct("Flags")
             .field("config", config)
@@ -323,6 +341,7 @@ impl std::fmt::Debug for Flags {
             .field("allow_origin", allow_origin)
             .field("grace", grace)
             .field("store", store)
+            .field("relogin_url", relogin_url)
             .finish()
     }
 }
@@ -390,6 +409,7 @@ impl Config {
             ("--api-key", "api_key", &flags.api_key),
             ("--grace", "grace", &flags.grace),
             ("--store", "store", &flags.store),
+            ("--relogin-url", "relogin_url", &flags.relogin_url),
         ];
         for (flag, key, value) in pairs {
             if let Some(v) = value {
@@ -485,12 +505,10 @@ impl Config {
                     .parse()
                     .map_err(|_| bad(format!("{value:?} is not an address like 127.0.0.1:5380")))?;
             }
-            "bosh_url" => {
-                let url = reqwest::Url::parse(value).map_err(|e| bad(format!("{value:?}: {e}")))?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(bad(format!("{value:?}: scheme must be http or https")));
-                }
-                self.bosh_url = Some(value.to_owned());
+            "bosh_url" => self.bosh_url = Some(http_url(value).map_err(bad)?),
+            "relogin_url" => self.relogin_url = Some(http_url(value).map_err(bad)?),
+            "login_timeout" => {
+                self.login_timeout = positive(duration(value).map_err(bad)?).map_err(bad)?;
             }
             "xmpp_domain" => {
                 let jid = crate::xmpp::Jid::parse(value).map_err(|e| bad(e.to_string()))?;
@@ -588,6 +606,15 @@ fn scalar(source_name: &str, key: &str, v: toml::Value) -> Result<String, Config
             &format!("expected a string or number, found {}", other.type_str()),
         )),
     }
+}
+
+/// An absolute http(s) URL, kept as given.
+fn http_url(value: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(value).map_err(|e| format!("{value:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{value:?}: scheme must be http or https"));
+    }
+    Ok(value.to_owned())
 }
 
 /// A timeout of zero would close every connection at once.
@@ -847,6 +874,68 @@ mod tests {
     }
 
     #[test]
+    fn relogin_url_and_login_timeout_from_every_source() {
+        let file = write_file(
+            "relogin_url = \"https://app.example/boshmux/relogin\"\nlogin_timeout = \"5s\"\n",
+        );
+        let flags = Flags {
+            config: Some(file.0.clone()),
+            ..Flags::default()
+        };
+        let cfg = Config::load(&flags, env(&[])).unwrap();
+        assert_eq!(
+            cfg.relogin_url.as_deref(),
+            Some("https://app.example/boshmux/relogin")
+        );
+        assert_eq!(cfg.login_timeout, Duration::from_secs(5));
+        let cfg = Config::load(
+            &flags,
+            env(&[
+                ("BOSHMUX_RELOGIN_URL", "http://127.0.0.1:8000/relogin"),
+                ("BOSHMUX_LOGIN_TIMEOUT", "750ms"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.relogin_url.as_deref(),
+            Some("http://127.0.0.1:8000/relogin")
+        );
+        assert_eq!(cfg.login_timeout, Duration::from_millis(750));
+        let flags = Flags {
+            relogin_url: Some("http://10.0.0.1/r".into()),
+            ..flags
+        };
+        let cfg = Config::load(&flags, env(&[])).unwrap();
+        assert_eq!(cfg.relogin_url.as_deref(), Some("http://10.0.0.1/r"));
+        assert_eq!(Config::default().relogin_url, None);
+
+        let errors = [
+            (
+                Flags {
+                    relogin_url: Some("ftp://app.example/r".into()),
+                    ..Flags::default()
+                },
+                vec![],
+                "--relogin-url: invalid value for `relogin_url`: \"ftp://app.example/r\": scheme must be http or https",
+            ),
+            (
+                Flags::default(),
+                vec![("BOSHMUX_RELOGIN_URL", "/relogin")],
+                "BOSHMUX_RELOGIN_URL: invalid value for `relogin_url`: \"/relogin\": relative URL without a base",
+            ),
+            (
+                Flags::default(),
+                vec![("BOSHMUX_LOGIN_TIMEOUT", "0")],
+                "BOSHMUX_LOGIN_TIMEOUT: invalid value for `login_timeout`: must be longer than zero",
+            ),
+        ];
+        for (flags, vars, expected) in errors {
+            let err = Config::load(&flags, env(&vars)).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
     fn syntax_errors_and_missing_files() {
         let file = write_file("listen = \n");
         let flags = Flags {
@@ -927,6 +1016,7 @@ mod tests {
         assert_eq!(cfg.xmpp_domain.as_deref(), Some("example.com"));
         assert_eq!(cfg.limits.iq_timeout, Duration::from_secs(30));
         assert_eq!(cfg.token_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(cfg.login_timeout, Config::default().login_timeout);
         // The example documents the defaults.
         assert_eq!(cfg.limits, Limits::default());
         cfg.require_for_serve().unwrap();

@@ -12,6 +12,7 @@ use crate::http::{self, AppState};
 use crate::session::Registry;
 use crate::session::deps::Settings;
 use crate::store::{Store, StoreError};
+use crate::session::relogin::ReloginClient;
 
 /// Longest a stop waits for pages to close and for upstream sessions to end, each.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
@@ -28,6 +29,9 @@ pub enum SetupError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The web app's re-login client could not be set up.
+    #[error("{0}")]
+    Relogin(String),
 }
 
 /// The shared state of a daemon with `config`, its store opened from `config.store` (none: a
@@ -45,6 +49,7 @@ pub fn build_with_store(config: Config, store: Store) -> Result<AppState, SetupE
     config.require_for_serve()?;
     let mut bosh = BoshConfig::new(config.bosh_url.clone().unwrap_or_default());
     bosh.wait = config.bosh_wait;
+    bosh.timeouts.login = config.login_timeout;
     // Server-built results may exceed what a client may send: twice the page stanza limit.
     bosh.read_limits.stanza_bytes = config.limits.stanza_bytes.saturating_mul(2);
     let client = BoshClient::new(bosh)?;
@@ -61,6 +66,12 @@ pub fn build_with_store(config: Config, store: Store) -> Result<AppState, SetupE
         iq_timeout: limits.iq_timeout,
         relogin_attempts: 5,
         relogin_backoff: Duration::from_secs(1),
+        relogin: config
+            .relogin_url
+            .as_deref()
+            .map(|url| ReloginClient::new(url, config.api_key.as_deref().unwrap_or_default()))
+            .transpose()
+            .map_err(SetupError::Relogin)?,
     };
     let registry = Registry::new(settings, client, store);
     Ok(AppState::new(config, registry))

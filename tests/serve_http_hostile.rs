@@ -440,7 +440,8 @@ async fn the_status_page_is_never_cached_or_framed() {
 
 #[tokio::test]
 async fn a_login_over_time_is_504() {
-    // An upstream that accepts connections and never answers: the login runs into its limit.
+    // An upstream that accepts connections and never answers: the login runs into its limit
+    // (`login_timeout`), and the API says so with 504 as soon as it does.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/http-bind", silent.local_addr().unwrap());
     let holder = tokio::spawn(async move {
@@ -449,7 +450,11 @@ async fn a_login_over_time_is_504() {
             held.push(tcp);
         }
     });
-    let d = Daemon::start(&url, "example.test", |_| {}).await;
+    let d = Daemon::start(&url, "example.test", |c| {
+        c.login_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let asked = tokio::time::Instant::now();
     let (status, body) = d
         .api(
             reqwest::Method::POST,
@@ -458,12 +463,58 @@ async fn a_login_over_time_is_504() {
         )
         .await;
     assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"], "upstream login timed out");
+    // The login's own limit answered, not the API's wait for it (login_timeout + 5 s).
     assert!(
-        body["error"].as_str().unwrap().contains("timed out"),
-        "{body}"
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
     );
     d.stop().await;
     holder.abort();
+}
+
+#[tokio::test]
+async fn a_login_the_connection_manager_refuses_is_502_and_a_wrong_password_422() {
+    // A connection manager answering 403 to the session creation: a refusal, not a timeout.
+    let refusing = axum::Router::new().route(
+        "/http-bind",
+        axum::routing::post(|| async { axum::http::StatusCode::FORBIDDEN }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/http-bind", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, refusing).await.unwrap() });
+    let d = Daemon::start(&url, "example.test", |_| {}).await;
+    let (status, body) = d
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": "u0@example.test", "password": "p0"})),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        body["error"],
+        "upstream failure: connection manager answered HTTP 403"
+    );
+    d.stop().await;
+    server.abort();
+
+    let f = fake().await;
+    let d = daemon(&f, |_| {}).await;
+    let (status, body) = d
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": "u0@example.test", "password": "wrong"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"],
+        "login refused: authentication failed: not-authorized"
+    );
+    d.stop().await;
 }
 
 #[tokio::test]

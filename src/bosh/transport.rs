@@ -32,12 +32,9 @@ impl Transport {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("bosh_url {url:?}: scheme must be http or https"));
         }
-        install_crypto_provider();
-        let http = reqwest::Client::builder()
-            // A BOSH POST is never redirected; following one would resend a rid elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .user_agent(concat!("boshmux/", env!("CARGO_PKG_VERSION")))
+        // A BOSH POST is never redirected (the shared builder's policy): following one would
+        // resend a rid elsewhere.
+        let http = http_client_builder()
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         Ok(Transport {
@@ -107,6 +104,18 @@ impl Transport {
     }
 }
 
+/// The daemon's HTTP client setup, shared by the BOSH transport and the web-app client of
+/// [`session::relogin`](crate::session::relogin): rustls with ring (installed here), no
+/// redirects followed (a request carries a rid or a bearer key and must not go elsewhere),
+/// `TCP_NODELAY`, a `boshmux/<version>` user agent.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .user_agent(concat!("boshmux/", env!("CARGO_PKG_VERSION")))
+}
+
 /// The reason phrase of `resp` when it differs from the standard one for its status.
 fn reason_phrase(resp: &reqwest::Response) -> Option<String> {
     resp.extensions()
@@ -115,7 +124,7 @@ fn reason_phrase(resp: &reqwest::Response) -> Option<String> {
 }
 
 /// reqwest's top-level message is generic ("error sending request"); the cause says what failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

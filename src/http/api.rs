@@ -182,15 +182,7 @@ pub(crate) async fn hand_off(
     };
     match ready {
         Ok(Readiness::Ready(full)) => Ok((full, created)),
-        Ok(Readiness::Failed {
-            message,
-            auth: true,
-            ..
-        }) => Err(ApiError::LoginRefused(message)),
-        Ok(Readiness::Failed {
-            timed_out: true, ..
-        }) => Err(ApiError::Timeout),
-        Ok(Readiness::Failed { message, .. }) => Err(ApiError::Upstream(message)),
+        Ok(Readiness::Failed(failure)) => Err(failure.into()),
         Ok(Readiness::Connecting) | Err(_) => Err(ApiError::Timeout),
     }
 }

@@ -225,9 +225,7 @@ pub async fn prebind(
     };
     let full = match session.ready().await {
         crate::session::Readiness::Ready(full) => full,
-        crate::session::Readiness::Failed { message, .. } => {
-            return Err(ApiError::Upstream(message));
-        }
+        crate::session::Readiness::Failed(failure) => return Err(failure.into()),
         crate::session::Readiness::Connecting => return Err(ApiError::Timeout),
     };
     if st.stopping.is_cancelled() {

@@ -71,6 +71,21 @@ impl ApiError {
     }
 }
 
+/// A login that failed (SPEC §3): refused credentials 422 (the caller's to fix), a login over
+/// time 504, anything else upstream 502.
+impl From<crate::session::LoginFailure> for ApiError {
+    fn from(f: crate::session::LoginFailure) -> ApiError {
+        use crate::session::LoginFailure as F;
+        match f {
+            F::AuthFailed(_) => ApiError::LoginRefused(f.to_string()),
+            F::Timeout(_) => ApiError::Timeout,
+            F::Unreachable(_) | F::Refused(_) | F::Damaged | F::Ended => {
+                ApiError::Upstream(f.to_string())
+            }
+        }
+    }
+}
+
 /// An unreadable JSON body: 413 over the size limit, 415 without a JSON content type, 400
 /// otherwise (syntax, or fields that do not fit).
 impl From<JsonRejection> for ApiError {

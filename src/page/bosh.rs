@@ -886,6 +886,7 @@ mod tests {
             iq_timeout: Duration::from_secs(30),
             relogin_attempts: 1,
             relogin_backoff: Duration::from_secs(1),
+            relogin: None,
         };
         // Nothing listens there: the session never logs in, which a prebind does not need.
         let client = BoshClient::new(BoshConfig::new("http://127.0.0.1:9/http-bind")).unwrap();

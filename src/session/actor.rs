@@ -18,7 +18,10 @@ use tokio_util::task::AbortOnDropHandle;
 use super::deps::Deps;
 use super::mux::{Effect, Mux, PageId};
 use super::persist::{self, Caches};
-use super::{AttachError, Command, PageLink, PageOut, Readiness, SessionHandle, SessionInfo};
+use super::relogin::ReloginError;
+use super::{
+    AttachError, Command, LoginFailure, PageLink, PageOut, Readiness, SessionHandle, SessionInfo,
+};
 use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials, SessionMeta};
 use crate::page::Frame;
 use crate::store::{SessionRecord, StoreError, Write};
@@ -146,13 +149,7 @@ impl Actor {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(user = %self.bare, error = %e, "login failed");
-                let auth = matches!(e, BoshError::AuthFailed { .. });
-                let timed_out = matches!(e, BoshError::LoginTimeout(_));
-                let _ = self.ready.send(Readiness::Failed {
-                    message: e.to_string(),
-                    auth,
-                    timed_out,
-                });
+                let _ = self.ready.send(Readiness::Failed(LoginFailure::from(&e)));
                 self.finish();
                 return;
             }
@@ -187,7 +184,7 @@ impl Actor {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(user = %self.bare, error = %e, "stored session not taken over");
-                return self.fail("stored session not taken over");
+                return self.fail(LoginFailure::Ended);
             }
         };
         let decoded = SessionMeta::decode(&record.meta)
@@ -199,13 +196,13 @@ impl Actor {
             if let Err(e) = store.remove().await {
                 tracing::warn!(user = %self.bare, error = %e, "damaged record not removed");
             }
-            return self.fail("stored session is damaged");
+            return self.fail(LoginFailure::Damaged);
         };
         let session = match self.deps.client.resume(&record, store) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(user = %self.bare, error = %e, "stored session not resumed");
-                return self.fail("stored session not resumed");
+                return self.fail(LoginFailure::from(&e));
             }
         };
         self.creds = Credentials::Attach {
@@ -242,12 +239,8 @@ impl Actor {
     }
 
     /// Ends an actor that never had a session.
-    fn fail(mut self, message: &str) {
-        let _ = self.ready.send(Readiness::Failed {
-            message: message.into(),
-            auth: false,
-            timed_out: false,
-        });
+    fn fail(mut self, failure: LoginFailure) {
+        let _ = self.ready.send(Readiness::Failed(failure));
         self.finish();
     }
 
@@ -349,7 +342,7 @@ impl Actor {
     async fn serve(&mut self, mut session: BoshSession, mux: &mut Mux) -> (End, BoshSession) {
         // Aborted when dropped: whichever way `serve` returns (stop, logout, suspend, grace), a
         // re-login still under way must not bind the resource afterwards.
-        let mut relogin: Option<AbortOnDropHandle<Result<BoshSession, BoshError>>> = None;
+        let mut relogin: Option<AbortOnDropHandle<Result<Relogged, ReloginFailure>>> = None;
         let mut live = true;
         let moved = End {
             code: CLOSE_RESTARTING,
@@ -467,9 +460,14 @@ impl Actor {
                 result = async { relogin.as_mut().expect("guarded").await }, if relogin.is_some() => {
                     relogin = None;
                     match result {
-                        Ok(Ok(new)) => {
+                        Ok(Ok(Relogged { session: new, creds })) => {
                             tracing::info!(user = %self.bare, "upstream session restored");
                             session = new;
+                            // A password from the web app is held like a handed-off one: the
+                            // next loss needs no call.
+                            let attached = !matches!(creds, Credentials::Password { .. });
+                            self.creds = creds;
+                            self.info.lock().attached = attached;
                             live = true;
                             mux.set_jid(session.jid.clone());
                             {
@@ -489,6 +487,12 @@ impl Actor {
                             for stanza in std::mem::take(&mut self.held) {
                                 self.upstream(stanza, &session);
                             }
+                        }
+                        Ok(Err(ReloginFailure::LoggedOut)) => {
+                            // Like a logout (SPEC §7): 4001, tokens revoked; upstream is gone.
+                            tracing::info!(user = %self.bare, "the web app says the user is logged out; session ended");
+                            self.deps.revoke(&self.bare);
+                            return End(CLOSE_REVOKED, "session revoked");
                         }
                         Ok(Err(e)) => {
                             tracing::info!(user = %self.bare, error = %e, "re-login failed");
@@ -523,26 +527,47 @@ impl Actor {
         }
     }
 
-    /// Whether a lost upstream session is worth logging in again: only with a password, and not
-    /// after a resource conflict (someone else took the resource; fighting would loop).
+    /// Whether a lost upstream session is worth logging in again: only with a password held or
+    /// a web app to ask for credentials (`relogin_url`, SPEC §7), and not after a resource
+    /// conflict (someone else took the resource; fighting would loop).
     fn may_relogin(&self, e: &BoshError) -> bool {
         let conflict =
             matches!(e, BoshError::Terminated { stream_error: Some(s), .. } if s == "conflict");
-        matches!(self.creds, Credentials::Password { .. }) && !conflict
+        let has_creds = matches!(self.creds, Credentials::Password { .. })
+            || self.deps.settings.relogin.is_some();
+        has_creds && !conflict
     }
 
-    /// Logs in again in the background: same resource, jittered exponential backoff.
-    fn spawn_relogin(&self, resource: &str) -> JoinHandle<Result<BoshSession, BoshError>> {
+    /// Logs in again in the background: same resource, jittered exponential backoff. Without a
+    /// password held, each attempt first asks the web app for credentials; its "logged out"
+    /// ends the attempts at once.
+    fn spawn_relogin(&self, resource: &str) -> JoinHandle<Result<Relogged, ReloginFailure>> {
         let deps = self.deps.clone();
-        let creds = self.creds.clone();
+        let held = self.creds.clone();
+        let bare = self.bare.clone();
         let resource = resource.to_owned();
         tokio::spawn(async move {
             let attempts = deps.settings.relogin_attempts.max(1);
             let mut delay = deps.settings.relogin_backoff;
-            let mut last = BoshError::Closed;
+            let mut last = ReloginFailure::Upstream(BoshError::Closed);
             for attempt in 1..=attempts {
                 let jittered = delay / 2 + delay.mul_f64(rand::random::<f64>() / 2.0);
                 tokio::time::sleep(jittered).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                let creds = match (&held, &deps.settings.relogin) {
+                    (Credentials::Password { .. }, _) | (_, None) => held.clone(),
+                    (Credentials::Attach { .. }, Some(web_app)) => {
+                        match web_app.credentials(&bare).await {
+                            Ok(creds) => creds,
+                            Err(ReloginError::LoggedOut) => return Err(ReloginFailure::LoggedOut),
+                            Err(e) => {
+                                tracing::warn!(user = %bare, attempt, error = %e, "asking the web app for credentials failed");
+                                last = ReloginFailure::WebApp(e);
+                                continue;
+                            }
+                        }
+                    }
+                };
                 let result = {
                     let _permit = deps.logins.acquire().await;
                     deps.client
@@ -550,14 +575,15 @@ impl Actor {
                         .await
                 };
                 match result {
-                    Ok(s) => return Ok(s),
-                    Err(e @ BoshError::AuthFailed { .. }) => return Err(e),
+                    Ok(session) => return Ok(Relogged { session, creds }),
+                    Err(e @ BoshError::AuthFailed { .. }) => {
+                        return Err(ReloginFailure::Upstream(e));
+                    }
                     Err(e) => {
                         tracing::debug!(attempt, error = %e, "re-login attempt failed");
-                        last = e;
+                        last = ReloginFailure::Upstream(e);
                     }
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(last)
         })
@@ -680,6 +706,27 @@ impl Actor {
             Err(_) => tracing::warn!(user = %self.bare, "upstream queue full, stanza dropped"),
         }
     }
+}
+
+/// A re-login that succeeded: the new session and the credentials it was established with (held
+/// from then on).
+struct Relogged {
+    session: BoshSession,
+    creds: Credentials,
+}
+
+/// Why a re-login gave up.
+#[derive(Debug, thiserror::Error)]
+enum ReloginFailure {
+    /// The web app answered 404: the user is logged out (pages get 4001).
+    #[error("the web app says the user is logged out")]
+    LoggedOut,
+    /// The last attempt's login or attach failed.
+    #[error(transparent)]
+    Upstream(BoshError),
+    /// The last attempt got no credentials from the web app.
+    #[error(transparent)]
+    WebApp(ReloginError),
 }
 
 /// The label a lost upstream session is counted under.

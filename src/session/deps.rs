@@ -41,6 +41,9 @@ pub struct Settings {
     pub relogin_attempts: u32,
     /// First delay between re-login attempts (doubles, jittered).
     pub relogin_backoff: Duration,
+    /// The web app's re-login endpoint (SPEC §7), asked for credentials when a session holding
+    /// no password is lost upstream; `None` ends such a session (4004).
+    pub relogin: Option<super::relogin::ReloginClient>,
 }
 
 /// Live sessions by canonical bare JID.

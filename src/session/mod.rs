@@ -12,6 +12,7 @@ pub mod mux;
 pub mod persist;
 pub mod presence;
 pub mod registry;
+pub mod relogin;
 pub mod rooms;
 pub mod roster;
 pub mod tokens;
@@ -68,16 +69,52 @@ pub enum Readiness {
     Connecting,
     /// Live, bound to this full JID.
     Ready(Jid),
-    /// The login failed; `auth` and `timed_out` tell a refused password and a login over
-    /// time from other failures.
-    Failed {
-        /// What went wrong.
-        message: String,
-        /// The server refused the credentials.
-        auth: bool,
-        /// The login did not finish within its time limit.
-        timed_out: bool,
-    },
+    /// The login failed, and how (the API answers 422, 504 or 502 by it, SPEC §3).
+    Failed(LoginFailure),
+}
+
+/// Why a session never became ready, as the handoff API must tell it apart (SPEC §3). Typed, so
+/// that the actor's failure crosses into the API without being flattened to a string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginFailure {
+    /// The server refused the credentials (SASL `<failure/>` with this condition).
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+    /// The login did not complete within its time limit.
+    #[error("login did not complete within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The connection manager could not be reached, or kept failing in transport.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The connection manager or server answered, but refused or broke off the login (HTTP 4xx,
+    /// `terminate`, bind refused, no usable mechanism, a protocol error).
+    #[error("{0}")]
+    Refused(String),
+    /// A session found in the store could not be read back.
+    #[error("stored session is damaged")]
+    Damaged,
+    /// The session ended before its login finished (e.g. the daemon is stopping).
+    #[error("session ended")]
+    Ended,
+}
+
+impl From<&crate::bosh::BoshError> for LoginFailure {
+    fn from(e: &crate::bosh::BoshError) -> LoginFailure {
+        use crate::bosh::BoshError as B;
+        match e {
+            B::AuthFailed { condition } => LoginFailure::AuthFailed(condition.clone()),
+            B::LoginTimeout(limit) => LoginFailure::Timeout(*limit),
+            B::RetriesExhausted { .. } | B::Setup(_) | B::Closed => {
+                LoginFailure::Unreachable(e.to_string())
+            }
+            B::Terminated { .. }
+            | B::HttpStatus(..)
+            | B::Sasl(_)
+            | B::NoMechanism(_)
+            | B::Refused { .. }
+            | B::Protocol(_) => LoginFailure::Refused(e.to_string()),
+        }
+    }
 }
 
 /// What the API and the status page show about a session (SPEC §3).
@@ -200,11 +237,7 @@ impl SessionHandle {
         let result = rx.wait_for(|r| !matches!(r, Readiness::Connecting)).await;
         match result {
             Ok(r) => r.clone(),
-            Err(_) => Readiness::Failed {
-                message: "session ended".into(),
-                auth: false,
-                timed_out: false,
-            },
+            Err(_) => Readiness::Failed(LoginFailure::Ended),
         }
     }
 
