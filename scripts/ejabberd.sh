@@ -13,7 +13,7 @@
 # distribution listens on a fixed loopback port (`ERL_DIST_PORT`), so no epmd is started or
 # needed, and the system service (`ejabberd@localhost`, /var/lib/ejabberd) is never touched.
 #
-# Users: the same groups of four mutual contacts as scripts/prosody.sh (g01a … g32d, password
+# Users: the same groups of four mutual contacts as scripts/prosody.sh (g01a … g64d, password
 # "pw-" + username) and, when BOSHMUX_TEST_EJABBERD_LOAD_USERS is set, user1 … userN without
 # contacts. Set BOSHMUX_TEST_EJABBERD_KEEP=1 to keep the temp dir after the run for debugging.
 
@@ -190,7 +190,7 @@ _ejabberd_bosh_up() { # PORT
 }
 
 ejabberd_start() {
-	local groups=${BOSHMUX_TEST_EJABBERD_GROUPS:-${BOSHMUX_TEST_PROSODY_GROUPS:-32}}
+	local groups=${BOSHMUX_TEST_EJABBERD_GROUPS:-${BOSHMUX_TEST_PROSODY_GROUPS:-64}}
 	if ((groups < 1 || groups > 99)); then
 		echo "ejabberd.sh: BOSHMUX_TEST_EJABBERD_GROUPS must be 1..99 (usernames carry two digits)" >&2
 		return 1

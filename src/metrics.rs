@@ -60,6 +60,8 @@ pub struct Metrics {
     pub upstream_requests: AtomicU64,
     /// Upstream resends after transport failures.
     pub upstream_retries: AtomicU64,
+    /// Held upstream requests cut by something in between and resent (SPEC §7); not retries.
+    pub upstream_cuts: AtomicU64,
     /// Stanzas received from upstream.
     pub stanzas_in: AtomicU64,
     /// Stanzas sent upstream.
@@ -126,7 +128,7 @@ impl Metrics {
             "Pages (WebSockets) attached.",
             pages,
         );
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             (
                 "boshmux_upstream_requests_total",
                 "New upstream BOSH requests.",
@@ -136,6 +138,11 @@ impl Metrics {
                 "boshmux_upstream_retries_total",
                 "Upstream requests resent after a transport failure.",
                 &self.upstream_retries,
+            ),
+            (
+                "boshmux_upstream_cuts_total",
+                "Held upstream requests cut by a proxy after being held, and resent.",
+                &self.upstream_cuts,
             ),
             (
                 "boshmux_stanzas_in_total",
@@ -253,6 +260,7 @@ mod tests {
     fn renders_the_text_format() {
         let m = Metrics::default();
         m.upstream_requests.fetch_add(3, Ordering::Relaxed);
+        m.upstream_cuts.fetch_add(4, Ordering::Relaxed);
         m.terminal_error("item-not-found");
         m.terminal_error("item-not-found");
         m.fanout_latency.observe(Duration::from_micros(300));
@@ -261,6 +269,9 @@ mod tests {
         assert!(text.contains("# TYPE boshmux_sessions gauge\nboshmux_sessions 2\n"));
         assert!(text.contains("boshmux_pages 5\n"));
         assert!(text.contains("boshmux_upstream_requests_total 3\n"));
+        assert!(text.contains(
+            "# TYPE boshmux_upstream_cuts_total counter\nboshmux_upstream_cuts_total 4\n"
+        ));
         assert!(
             text.contains(
                 "boshmux_upstream_terminal_errors_total{condition=\"item-not-found\"} 2\n"

@@ -21,6 +21,19 @@ pub enum TransportError {
     /// A response that is not a usable BOSH body (e.g. cut short by a proxy).
     #[error("{0}")]
     BadBody(#[from] BodyError),
+    /// A held request cut by something between us and the connection manager (SPEC §7): the
+    /// connection closed or reset before any response, or a gateway answered 502, 503 or 504,
+    /// after the request had been on the wire for `held` — at least
+    /// [`CUT_MIN_HELD`](super::cuts::CUT_MIN_HELD), which a refused or reset connection never
+    /// takes. The server had the request, so it is resent at once and costs no retry.
+    #[error("held request cut after {held:?}: {cause}")]
+    Cut {
+        /// How long the request was on the wire before it was cut.
+        held: std::time::Duration,
+        /// The failure as it would be classified had it come at once
+        /// ([`Connection`](Self::Connection) or [`ServerError`](Self::ServerError)).
+        cause: Box<TransportError>,
+    },
 }
 
 /// The upstream session cannot continue (or could not be established).

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -151,10 +152,19 @@ impl BoshClient {
         let first_rid: u64 = rand::random_range(1 << 20..1 << 32);
         x.rid = first_rid;
 
-        // Creation: the answer's attributes define the session; features may come later.
-        x.wait = Duration::from_secs(u64::from(cfg.wait));
+        // Creation: the answer's attributes define the session; features may come later. The
+        // `wait` asked for is shorter than configured once cuts showed a proxy gives up sooner.
+        let wait = cfg.wait_hint.wait_to_ask(cfg.wait);
+        if wait < cfg.wait {
+            tracing::debug!(
+                wait,
+                configured = cfg.wait,
+                "asking for the wait learned from cuts"
+            );
+        }
+        x.wait = Duration::from_secs(u64::from(wait));
         let created = x
-            .roundtrip(Body::create(x.rid, &domain, cfg.wait, &cfg.lang))
+            .roundtrip(Body::create(x.rid, &domain, wait, &cfg.lang))
             .await?;
         let params =
             SessionParams::from_body(&created).map_err(|e| BoshError::Protocol(e.to_string()))?;
@@ -355,6 +365,13 @@ impl Exchange {
                 Err(PostError::Status(s, reason)) => return Err(BoshError::HttpStatus(s, reason)),
                 Err(PostError::Transient(e)) => e,
             };
+            if let TransportError::Cut { held, .. } = &failure {
+                // Held and cut by a proxy (SPEC §7): no failure, resent at once; the login's own
+                // deadline bounds how long this may go on.
+                tracing::debug!(held_ms = held.as_millis(), "login request cut, resending");
+                self.metrics.upstream_cuts.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             attempt += 1;
             if attempt > self.timeouts.max_retries {
                 return Err(BoshError::RetriesExhausted {

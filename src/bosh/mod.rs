@@ -3,11 +3,13 @@
 //!
 //! Layers, bottom up: [`body`] (the `<body/>` codec) → [`transport`] (one HTTP POST) →
 //! [`login`] (sequential exchanges until a resource is bound) → [`scheduler`] (the task that owns
-//! the session afterwards: rid counter, held requests, retries, ordering). Callers see a
+//! the session afterwards: rid counter, held requests, retries, ordering), with [`cuts`] telling
+//! the scheduler what to make of held requests a proxy cuts. Callers see a
 //! [`BoshHandle`] to queue stanzas and a stream of [`BoshEvent`]s. Nothing here knows about pages
 //! or HTTP serving.
 
 pub mod body;
+pub mod cuts;
 pub mod error;
 pub mod login;
 pub mod reader;
@@ -17,6 +19,7 @@ pub mod transport;
 use std::time::Duration;
 
 pub use body::{Body, BodyError, BodyType, SessionParams};
+pub use cuts::WaitHint;
 pub use error::{BoshError, TransportError};
 pub use login::{BoshClient, Credentials};
 pub use reader::{BodyReader, DropReason, Dropped, ReadLimits, Response};
@@ -47,6 +50,9 @@ pub struct BoshConfig {
     pub timeouts: Timeouts,
     /// Where requests, retries and latencies are counted.
     pub metrics: Arc<Metrics>,
+    /// A shorter `wait` learned from held requests cut by a proxy (SPEC §7): sessions created
+    /// from then on ask for it instead of `wait` when it is lower. Shared by clones.
+    pub wait_hint: WaitHint,
 }
 
 impl BoshConfig {
@@ -65,6 +71,7 @@ impl BoshConfig {
             read_limits: ReadLimits::DEFAULT,
             timeouts: Timeouts::default(),
             metrics: Arc::default(),
+            wait_hint: WaitHint::default(),
         }
     }
 }

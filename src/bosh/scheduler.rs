@@ -7,7 +7,8 @@
 //!   to us at any time and its inactivity timer never runs out;
 //! - never more than `requests` requests in flight (a final terminate excepted, as allowed);
 //! - each new request carries the previous rid + 1; a failed one is resent byte-identical with
-//!   its own rid;
+//!   its own rid; one held and then cut by a proxy (SPEC §7) likewise, at once and without
+//!   spending the retry budget ([`super::cuts`]);
 //! - a request is resent only once every older one has been answered, so a resent rid is never
 //!   "2 ahead" of what the server has seen (ejabberd 23.01 crashes the session when the same
 //!   deferred rid arrives twice), and new rids stay within `requests` of the oldest unanswered
@@ -30,6 +31,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::body::{self, Body, BodyType, SessionParams};
+use super::cuts::CutDetector;
 use super::error::{BoshError, TransportError};
 use super::reader::{DropReason, Dropped, Response};
 use super::transport::{PostError, Transport};
@@ -41,7 +43,8 @@ use crate::xmpp::{Element, Jid, ns};
 const OUTBOX_CAP: usize = 4096;
 /// Capacity of the command and event channels.
 const CHANNEL_CAP: usize = 256;
-/// An empty request answered empty faster than this was not held; the next one waits `polling`.
+/// An empty request answered empty faster than this was not held; the next one waits `polling`
+/// (unless it was a resend, answered from the server's cache).
 const MIN_HOLD: Duration = Duration::from_millis(200);
 /// Least time between posting two new requests while the first is unanswered. Each goes on its
 /// own connection, and one that must open a new connection can reach the server after a younger
@@ -290,6 +293,7 @@ pub(crate) fn spawn(
         empty_not_before: None,
         last_post: None,
         order_wait: None,
+        cuts: CutDetector::new(params.wait, config.wait_hint.clone()),
     };
     let mut scheduler = scheduler;
     // Oldest first, each once; a younger one goes out when the older ones are answered (a rid the
@@ -372,6 +376,8 @@ struct Scheduler {
     last_post: Option<Instant>,
     /// Set when a new request waits for [`ORDER_GAP`] to pass.
     order_wait: Option<Instant>,
+    /// Learns from held requests cut by a proxy (SPEC §7).
+    cuts: CutDetector,
 }
 
 /// The owner stopped listening; the session should end.
@@ -592,7 +598,11 @@ impl Scheduler {
                         .upstream_latency
                         .observe(reply.sent_at.elapsed());
                 }
+                // Not after a resend: ejabberd answers a rid it has answered before from its
+                // cache at once, while a receiver of that rid cut by a proxy stays registered
+                // there and takes (and loses) whatever comes next until a new rid arrives.
                 if req.empty
+                    && !req.resent
                     && self.in_flight.is_empty()
                     && body.children().next().is_none()
                     && reply.sent_at.elapsed() < MIN_HOLD
@@ -629,11 +639,45 @@ impl Scheduler {
         }
     }
 
-    /// Schedules a byte-identical resend of `rid`, or gives up once the budget is spent.
+    /// Schedules a byte-identical resend of `rid`, or gives up once the budget is spent. A held
+    /// request cut by a proxy ([`TransportError::Cut`]) is no failure: the server had it, so it is
+    /// resent at once, spends no retry and raises no [`BoshEvent::Retrying`] (SPEC §7).
     async fn retry(&mut self, rid: u64, error: TransportError) -> Result<(), Ended> {
         let Some(req) = self.in_flight.get_mut(&rid) else {
             return Ok(());
         };
+        if let TransportError::Cut { held, cause } = error {
+            // The same attempt number: the cut attempt's task is over, so no stale reply can carry
+            // it. A cut is held for `CUT_MIN_HELD` at least, so this cannot spin.
+            req.resent = true;
+            let (attempt, bytes) = (req.attempt, req.bytes.clone());
+            self.metrics.upstream_cuts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                held_ms = held.as_millis(),
+                cause = %cause,
+                "held upstream request cut, resending"
+            );
+            if let Some(steady) = self.cuts.record(held) {
+                tracing::warn!(
+                    cut_after_ms = steady.cut_after.as_millis(),
+                    wait = steady.wait,
+                    next_wait = steady.next_wait,
+                    "held upstream requests are cut at a steady time below wait (a proxy's \
+                     timeout?); new upstream sessions will ask for next_wait seconds; better, \
+                     raise the proxy's timeout above wait"
+                );
+            }
+            if self.in_flight.range(..rid).next().is_some() {
+                // As for a failure: not while an older request is unanswered.
+                self.in_flight
+                    .get_mut(&rid)
+                    .expect("looked up above")
+                    .parked = true;
+                return Ok(());
+            }
+            self.post(rid, attempt, bytes, Duration::ZERO);
+            return Ok(());
+        }
         req.attempt += 1;
         req.resent = true;
         let attempt = req.attempt;

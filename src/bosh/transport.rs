@@ -1,9 +1,12 @@
 //! One HTTP POST of a BOSH body, with a deadline. Retrying is the scheduler's business.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
+use super::cuts::CUT_MIN_HELD;
 use super::error::TransportError;
 use super::reader::{BodyReader, ReadLimits, Response};
 
@@ -60,7 +63,14 @@ impl Transport {
     /// stays bounded whatever the response's size, and stanzas the reader drops are reported,
     /// not failures. A response whose framing cannot be read is transient (a proxy may have cut
     /// it short).
+    ///
+    /// A connection closed before any response, or a gateway's 502/503/504, after the request was
+    /// on the wire for [`CUT_MIN_HELD`] or longer is a [`TransportError::Cut`] (SPEC §7):
+    /// something in between gave up on a request the server was holding.
     pub(crate) async fn post(&self, body: Bytes, timeout: Duration) -> Result<Response, PostError> {
+        let started = Instant::now();
+        // Set once a 200 arrived: what fails after it is no cut, the server had answered.
+        let answered = AtomicBool::new(false);
         let send = async {
             let resp = self
                 .http
@@ -84,6 +94,7 @@ impl Transport {
                 tracing::info!(reason, "connection manager gave a reason with its answer");
             }
             let mut resp = resp;
+            answered.store(true, Ordering::Relaxed);
             let mut reader = BodyReader::new(self.limits);
             while let Some(chunk) = resp
                 .chunk()
@@ -98,9 +109,34 @@ impl Transport {
                 .finish()
                 .map_err(|e| PostError::Transient(TransportError::BadBody(e)))
         };
-        tokio::time::timeout(timeout, send)
+        let result = tokio::time::timeout(timeout, send)
             .await
-            .unwrap_or(Err(PostError::Transient(TransportError::Timeout(timeout))))
+            .unwrap_or(Err(PostError::Transient(TransportError::Timeout(timeout))));
+        match result {
+            Err(PostError::Transient(e)) if !answered.load(Ordering::Relaxed) => {
+                Err(PostError::Transient(cut_or(started, e)))
+            }
+            other => other,
+        }
+    }
+}
+
+/// `error`, which ended a request before any 200 answer, as a [`TransportError::Cut`] when it is a
+/// closed connection or a gateway's 502/503/504 and the request had been on the wire since
+/// `started` for at least [`CUT_MIN_HELD`]. Our own timeout and other statuses stay as they are.
+fn cut_or(started: Instant, error: TransportError) -> TransportError {
+    let held = started.elapsed();
+    let cut = matches!(
+        error,
+        TransportError::Connection(_) | TransportError::ServerError(502..=504)
+    );
+    if cut && held >= CUT_MIN_HELD {
+        TransportError::Cut {
+            held,
+            cause: Box::new(error),
+        }
+    } else {
+        error
     }
 }
 
