@@ -190,7 +190,7 @@ _ejabberd_bosh_up() { # PORT
 }
 
 ejabberd_start() {
-	local groups=${BOSHMUX_TEST_EJABBERD_GROUPS:-${BOSHMUX_TEST_PROSODY_GROUPS:-64}}
+	local groups=${BOSHMUX_TEST_EJABBERD_GROUPS:-${BOSHMUX_TEST_PROSODY_GROUPS:-80}}
 	if ((groups < 1 || groups > 99)); then
 		echo "ejabberd.sh: BOSHMUX_TEST_EJABBERD_GROUPS must be 1..99 (usernames carry two digits)" >&2
 		return 1
