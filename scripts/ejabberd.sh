@@ -13,7 +13,7 @@
 # distribution listens on a fixed loopback port (`ERL_DIST_PORT`), so no epmd is started or
 # needed, and the system service (`ejabberd@localhost`, /var/lib/ejabberd) is never touched.
 #
-# Users: the same groups of four mutual contacts as scripts/prosody.sh (g01a … g64d, password
+# Users: the same groups of four mutual contacts as scripts/prosody.sh (g01a … g80d, password
 # "pw-" + username) and, when BOSHMUX_TEST_EJABBERD_LOAD_USERS is set, user1 … userN without
 # contacts. Set BOSHMUX_TEST_EJABBERD_KEEP=1 to keep the temp dir after the run for debugging.
 
