@@ -10,8 +10,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::bosh::{SessionParams, Suspended};
+use crate::bosh::SessionParams;
 use crate::session::mux::MuxSnapshot;
+use crate::store::SessionRecord;
 use crate::xmpp::{self, Element, Limits};
 
 /// Format version; a file of another version is ignored with a warning.
@@ -87,28 +88,43 @@ impl std::fmt::Debug for SavedSession {
     }
 }
 
+/// What resuming a saved session needs on the BOSH side.
+pub struct Resumable {
+    /// Unanswered requests, ascending: rid and exact bytes.
+    pub unanswered: Vec<(u64, Bytes)>,
+    /// Stanzas received but not handed on (only in files of earlier versions).
+    pub inbound: Vec<Element>,
+    /// Stanzas queued upstream but not sent.
+    pub outbound: Vec<Element>,
+}
+
 impl SavedSession {
-    /// Records a suspended session.
+    /// Records a suspended session: `record` is its store record after the suspend (what the
+    /// store holds of its requests), `outbound` what the suspend returned.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         jid: String,
         attached: bool,
-        s: Suspended,
+        params: SessionParams,
+        record: &SessionRecord,
+        outbound: &[Element],
         mux: MuxSnapshot,
         tokens: Vec<(String, u64)>,
         created: std::time::SystemTime,
     ) -> Self {
+        let last = record.requests.last().map_or(0, |(rid, _)| *rid);
         SavedSession {
             jid,
             attached,
-            params: s.params,
-            next_rid: s.next_rid,
-            unanswered: s
-                .unanswered
-                .into_iter()
-                .map(|(rid, b)| (rid, BASE64.encode(&b)))
+            params,
+            next_rid: last.max(record.handed_on) + 1,
+            unanswered: record
+                .requests
+                .iter()
+                .map(|(rid, b)| (*rid, BASE64.encode(b)))
                 .collect(),
-            inbound: s.inbound.iter().map(Element::to_xml).collect(),
-            outbound: s.outbound.iter().map(Element::to_xml).collect(),
+            inbound: Vec::new(),
+            outbound: outbound.iter().map(Element::to_xml).collect(),
             mux,
             tokens,
             created: created
@@ -118,7 +134,7 @@ impl SavedSession {
     }
 
     /// The BOSH half, to resume; `None` when the saved data is damaged.
-    pub fn suspended(&self) -> Option<Suspended> {
+    pub fn resumable(&self) -> Option<Resumable> {
         let limits = Limits {
             max_bytes: 16 * 1024 * 1024,
             max_depth: 64,
@@ -135,9 +151,7 @@ impl SavedSession {
             .iter()
             .map(|(rid, b)| BASE64.decode(b).ok().map(|b| (*rid, Bytes::from(b))))
             .collect::<Option<Vec<_>>>()?;
-        Some(Suspended {
-            params: self.params.clone(),
-            next_rid: self.next_rid,
+        Some(Resumable {
             unanswered,
             inbound: parse(&self.inbound)?,
             outbound: parse(&self.outbound)?,

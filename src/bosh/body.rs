@@ -343,26 +343,39 @@ mod tests {
         );
         let params = SessionParams::from_body(&Body::parse(raw.as_bytes()).unwrap()).unwrap();
         let request = Body::request(7, sid, []).to_bytes();
-        let suspended = crate::bosh::scheduler::Suspended {
-            unanswered: vec![(7, request)],
-            ..crate::bosh::scheduler::Suspended::fresh(params.clone(), 8, Vec::new())
+        let meta = crate::bosh::SessionMeta {
+            jid: "a@b/c".into(),
+            params: params.clone(),
+            attached: false,
+            created: 0,
+        };
+        let record = crate::store::SessionRecord {
+            bare: "a@b".into(),
+            epoch: 1,
+            meta: meta.encode(),
+            caches: bytes::Bytes::new(),
+            handed_on: 6,
+            requests: vec![(7, request)],
         };
         let saved = crate::state::SavedSession::new(
             "a@b/c".into(),
             false,
-            suspended.clone(),
+            params.clone(),
+            &record,
+            &[],
             crate::session::mux::MuxSnapshot::default(),
             Vec::new(),
             std::time::SystemTime::now(),
         );
         for shown in [
             format!("{params:?}"),
-            format!("{suspended:?}"),
+            format!("{meta:?}"),
             format!("{saved:?}"),
         ] {
             assert!(!shown.contains(sid), "{shown}");
             assert!(shown.contains("wait: 60"), "{shown}");
         }
+        assert!(!format!("{record:?}").contains(sid));
     }
 
     #[test]

@@ -18,9 +18,10 @@ use tokio_util::task::AbortOnDropHandle;
 use super::mux::{Effect, Mux, PageId};
 use super::registry::Registry;
 use super::{AttachError, Command, PageLink, PageOut, Readiness, SessionHandle, SessionInfo};
-use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials};
+use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials, SessionMeta};
 use crate::page::Frame;
 use crate::state::SavedSession;
+use crate::store::{SessionRecord, Store, Write};
 use crate::xmpp::{Element, Jid};
 
 use crate::page::close::{
@@ -87,6 +88,7 @@ fn start(
         grace_until: None,
         held: VecDeque::new(),
         restore,
+        store: Store::memory(),
     };
     tokio::spawn(actor.run());
     handle
@@ -107,6 +109,9 @@ struct Actor {
     held: VecDeque<Element>,
     /// A session saved by an earlier process, to resume instead of logging in.
     restore: Option<SavedSession>,
+    /// This session's record (requests not yet handed on), read back when it is suspended into
+    /// the state file.
+    store: Store,
 }
 
 /// How the running session ended: pages are closed with this code and reason; upstream is
@@ -159,7 +164,7 @@ impl Actor {
     /// Resumes a session saved by an earlier process: the BOSH session continues where it was
     /// (unanswered requests resent first), caches and tokens as they were.
     async fn run_restored(mut self, saved: SavedSession) {
-        let (Ok(full), Some(suspended)) = (Jid::parse(&saved.jid), saved.suspended()) else {
+        let (Ok(full), Some(resumable)) = (Jid::parse(&saved.jid), saved.resumable()) else {
             tracing::warn!(user = %self.bare, "saved session is damaged; dropped");
             let _ = self.ready.send(Readiness::Failed {
                 message: "saved session is damaged".into(),
@@ -169,9 +174,37 @@ impl Actor {
             self.finish();
             return;
         };
+        let meta = SessionMeta {
+            jid: full.to_string(),
+            params: saved.params.clone(),
+            attached: saved.attached,
+            created: saved.created,
+        };
+        let handed_on = resumable
+            .unanswered
+            .first()
+            .map_or(saved.next_rid - 1, |(rid, _)| rid - 1);
+        let bare = full.to_bare().to_string();
+        let record_store = (self.store.create(&bare, meta.encode(), handed_on).await)
+            .expect("the in-memory store does not fail");
+        for (rid, bytes) in &resumable.unanswered {
+            let _ = record_store.request(*rid, bytes.clone()).await;
+        }
+        let record = SessionRecord {
+            bare,
+            epoch: record_store.epoch(),
+            meta: meta.encode(),
+            caches: bytes::Bytes::new(),
+            handed_on,
+            requests: resumable.unanswered,
+        };
+        let session = (self.registry.client.resume(&record, record_store))
+            .expect("the meta was just encoded");
+        for stanza in resumable.outbound {
+            let _ = session.handle.try_send(stanza);
+        }
         let settings = &self.registry.settings;
-        let session = self.registry.client.resume(full.clone(), suspended);
-        let mux = Mux::restore(
+        let mut mux = Mux::restore(
             full.clone(),
             settings.offline_buffer,
             settings.iq_timeout,
@@ -189,6 +222,10 @@ impl Actor {
             if saved.created > 0 {
                 info.created = std::time::UNIX_EPOCH + Duration::from_secs(saved.created);
             }
+        }
+        for stanza in resumable.inbound {
+            let effects = mux.from_upstream(stanza, Instant::now());
+            self.apply(effects, &mut mux, &session, true);
         }
         tracing::info!(user = %self.bare, "session resumed from the state file");
         let _ = self.ready.send(Readiness::Ready(full));
@@ -216,7 +253,7 @@ impl Actor {
         let _permit = self.registry.logins.acquire().await;
         self.registry
             .client
-            .connect(&self.creds, Some(resource))
+            .connect(&self.creds, Some(resource), &self.store)
             .await
     }
 
@@ -265,14 +302,20 @@ impl Actor {
                         Command::Suspend { done } => {
                             self.close_pages(CLOSE_RESTARTING, "daemon restarting");
                             let mut saved = None;
-                            if live && let Ok(s) = session.handle.suspend().await {
+                            if live
+                                && let Ok(outbound) = session.handle.suspend().await
+                                && let Ok(snapshot) = self.store.load().await
+                                && let Some(record) = snapshot.sessions.first()
+                            {
                                 let attached = !matches!(self.creds, Credentials::Password { .. });
                                 let tokens = self.registry.export_tokens(&self.bare);
                                 let created = self.info.lock().created;
                                 saved = Some(SavedSession::new(
                                     mux.jid().to_string(),
                                     attached,
-                                    s,
+                                    session.params.clone(),
+                                    record,
+                                    &outbound,
                                     mux.snapshot(),
                                     tokens,
                                     created,
@@ -293,11 +336,16 @@ impl Actor {
                 }
                 event = session.events.recv(), if live => {
                     match event {
-                        Some(BoshEvent::Stanza(stanza)) => {
-                            self.touch(true);
-                            self.registry.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
-                            let effects = mux.from_upstream(stanza, Instant::now());
-                            self.apply(effects, mux, &session, live);
+                        Some(BoshEvent::Response { rid, stanzas }) => {
+                            for stanza in stanzas {
+                                self.touch(true);
+                                self.registry.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
+                                let effects = mux.from_upstream(stanza, Instant::now());
+                                self.apply(effects, mux, &session, live);
+                            }
+                            let mark = Write::HandedOn { rid, caches: None };
+                            let _ = session.store.write(mark).await;
+                            session.handle.handed_on(rid);
                         }
                         Some(BoshEvent::Retrying { .. }) => self.info.lock().upstream = "retrying",
                         Some(BoshEvent::Recovered) => self.info.lock().upstream = "live",
@@ -383,6 +431,7 @@ impl Actor {
     fn spawn_relogin(&self, resource: &str) -> JoinHandle<Result<BoshSession, BoshError>> {
         let registry = self.registry.clone();
         let creds = self.creds.clone();
+        let store = self.store.clone();
         let resource = resource.to_owned();
         tokio::spawn(async move {
             let attempts = registry.settings.relogin_attempts.max(1);
@@ -393,7 +442,10 @@ impl Actor {
                 tokio::time::sleep(jittered).await;
                 let result = {
                     let _permit = registry.logins.acquire().await;
-                    registry.client.connect(&creds, Some(&resource)).await
+                    registry
+                        .client
+                        .connect(&creds, Some(&resource), &store)
+                        .await
                 };
                 match result {
                     Ok(s) => return Ok(s),
