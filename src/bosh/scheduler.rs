@@ -999,3 +999,6 @@ pub(crate) fn terminated(body: Body) -> (Vec<Element>, BoshError) {
         },
     )
 }
+
+#[cfg(test)]
+mod tests;
