@@ -674,14 +674,9 @@ async fn during_a_resend(how: Stop) {
     let _ = alive.send(Answer::Fail(crate::bosh::TransportError::Connection(
         "reset".into(),
     )));
-    loop {
-        match s.events.recv().await.unwrap() {
-            BoshEvent::Retrying { rid, attempt, .. } => {
-                assert_eq!((rid, attempt), (FIRST, 1));
-                break;
-            }
-            other => panic!("{other:?}"),
-        }
+    match s.events.recv().await.unwrap() {
+        BoshEvent::Retrying { rid, attempt, .. } => assert_eq!((rid, attempt), (FIRST, 1)),
+        other => panic!("expected Retrying, got {other:?}"),
     }
     stop(s, how).await;
 
