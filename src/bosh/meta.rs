@@ -45,3 +45,26 @@ impl SessionMeta {
         serde_json::from_slice(bytes).map_err(|e| BoshError::BadRecord(format!("meta: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bosh::Body;
+
+    #[test]
+    fn meta_reads_back_what_it_wrote_and_refuses_garbage() {
+        let created =
+            "<body xmlns='http://jabber.org/protocol/httpbind' sid='s1' wait='60' requests='2'/>";
+        let meta = SessionMeta {
+            jid: "a@b/c".into(),
+            params: SessionParams::from_body(&Body::parse(created.as_bytes()).unwrap()).unwrap(),
+            attached: true,
+            created: 1_700_000_000,
+        };
+        assert_eq!(SessionMeta::decode(&meta.encode()).unwrap(), meta);
+        assert!(matches!(
+            SessionMeta::decode(b"{\"jid\":1}"),
+            Err(BoshError::BadRecord(_))
+        ));
+    }
+}
