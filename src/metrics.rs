@@ -80,6 +80,9 @@ pub struct Metrics {
     pub relogins: AtomicU64,
     /// Pages rejected for a hostile or malformed frame.
     pub rejected_frames: AtomicU64,
+    /// Session store writes that failed (store unreachable or full); the session went on
+    /// without the durability of that write (SPEC §8).
+    pub store_errors: AtomicU64,
     /// Upstream sessions lost, by terminal condition.
     terminal: Mutex<Vec<(String, u64)>>,
     /// Inbound stanzas dropped by the response reader, by [`DropReason`] (in its order).
@@ -189,6 +192,11 @@ impl Metrics {
                 "Frames from pages refused as malformed or hostile.",
                 &self.rejected_frames,
             ),
+            (
+                "boshmux_store_errors_total",
+                "Session store writes that failed; the session went on without them.",
+                &self.store_errors,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -261,6 +269,7 @@ mod tests {
         let m = Metrics::default();
         m.upstream_requests.fetch_add(3, Ordering::Relaxed);
         m.upstream_cuts.fetch_add(4, Ordering::Relaxed);
+        m.store_errors.fetch_add(4, Ordering::Relaxed);
         m.terminal_error("item-not-found");
         m.terminal_error("item-not-found");
         m.fanout_latency.observe(Duration::from_micros(300));
@@ -272,6 +281,11 @@ mod tests {
         assert!(text.contains(
             "# TYPE boshmux_upstream_cuts_total counter\nboshmux_upstream_cuts_total 4\n"
         ));
+        assert!(
+            text.contains(
+                "# TYPE boshmux_store_errors_total counter\nboshmux_store_errors_total 4\n"
+            )
+        );
         assert!(
             text.contains(
                 "boshmux_upstream_terminal_errors_total{condition=\"item-not-found\"} 2\n"

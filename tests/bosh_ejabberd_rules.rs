@@ -1,6 +1,7 @@
 //! The BOSH client against ejabberd's rid rules (see the fake's `ejabberd_rids` mode, which
-//! reproduces ejabberd 23.01): a resumed session never resends anything older than the server's
-//! two-reply cache, and takes ejabberd's echo of a resent held request as empty. In intercept
+//! reproduces ejabberd 23.01): a session resumed from its store record never resends anything
+//! older than the server's two-reply cache, and takes ejabberd's echo of a resent held request as
+//! empty. In intercept
 //! mode, where the test is the server: a deferred "+2" rid is never posted twice, and no rid ever
 //! runs 2 or more ahead of the oldest unanswered one.
 
@@ -10,10 +11,11 @@ use std::time::Duration;
 
 use std::collections::BTreeSet;
 
-use boshmux::bosh::{BoshClient, BoshConfig, BoshEvent, BoshSession, Suspended, Timeouts, body};
+use boshmux::bosh::{BoshClient, BoshConfig, BoshEvent, BoshSession, Timeouts, body};
 use boshmux::fake_cm::{Action, FakeCm, FakeCmConfig, Intercepted};
+use boshmux::store::{SessionRecord, Store};
 use boshmux::xmpp::Jid;
-use support::{body_text, chat, eventually, next_event, next_message};
+use support::{body_text, chat, eventually, next_event, next_message, one_by_one};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -39,24 +41,41 @@ fn client(fake: &FakeCm) -> BoshClient {
     BoshClient::new(cfg).unwrap()
 }
 
-/// Alice logged in, online, and then suspended (her held empty request stays at the server).
-async fn suspended_alice(fake: &FakeCm) -> (Jid, Suspended) {
-    let mut s = client(fake)
+/// Alice logged in with her record in `store`, every response handed on as it comes.
+async fn alice(c: &BoshClient, store: &Store) -> BoshSession {
+    let s = c
         .login(
             &Jid::parse("alice@example.test").unwrap(),
             "pa",
             Some("tab"),
+            store,
         )
         .await
         .unwrap();
+    one_by_one(s)
+}
+
+/// Suspends `s` and returns its record as the store has it then.
+async fn suspend(mut s: BoshSession, store: &Store) -> SessionRecord {
+    assert!(s.handle.suspend().await.unwrap().is_empty());
+    drain(&mut s).await;
+    store.load().await.unwrap().sessions.remove(0)
+}
+
+/// A new owner takes the session of `record` over from `store`.
+async fn resume(c: &BoshClient, store: &Store, record: &SessionRecord) -> BoshSession {
+    let taken = store.take_over(record).await.unwrap();
+    one_by_one(c.resume(record, taken).unwrap())
+}
+
+/// Alice logged in, online, and then suspended (her held empty request stays at the server).
+async fn suspended_alice(fake: &FakeCm, store: &Store) -> SessionRecord {
+    let s = alice(&client(fake), store).await;
     eventually("a request held at the server", LIMIT, || async {
         (s.handle.stats().await.unwrap().in_flight == 1).then_some(())
     })
     .await;
-    let jid = s.jid.clone();
-    let suspended = s.handle.suspend().await.unwrap();
-    drain(&mut s).await;
-    (jid, suspended)
+    suspend(s, store).await
 }
 
 async fn drain(s: &mut BoshSession) {
@@ -90,14 +109,8 @@ async fn still_works(fake: &FakeCm, s: &mut BoshSession, text: &str) {
 async fn a_resent_held_request_echoed_by_the_server_is_taken_as_empty() {
     let fake = ejabberd_like().await;
     let c = client(&fake);
-    let s = c
-        .login(
-            &Jid::parse("alice@example.test").unwrap(),
-            "pa",
-            Some("tab"),
-        )
-        .await
-        .unwrap();
+    let store = Store::memory();
+    let s = alice(&c, &store).await;
     s.handle
         .send(chat("bob@example.test", "mine"))
         .await
@@ -107,11 +120,14 @@ async fn a_resent_held_request_echoed_by_the_server_is_taken_as_empty() {
         (!fake.received("alice@example.test/tab").is_empty()).then_some(())
     })
     .await;
-    let jid = s.jid.clone();
-    let suspended = s.handle.suspend().await.unwrap();
-    assert_eq!(suspended.unanswered.len(), 1, "the held request");
+    eventually("only the held request left", LIMIT, || async {
+        (s.handle.stats().await.unwrap().in_flight == 1).then_some(())
+    })
+    .await;
+    let record = suspend(s, &store).await;
+    assert_eq!(record.requests.len(), 1, "the held request: {record:?}");
 
-    let mut s = c.resume(jid, suspended);
+    let mut s = resume(&c, &store, &record).await;
     // A new request releases the resent one with nothing new: the server echoes "mine".
     s.handle
         .send(chat("bob@example.test", "next"))
@@ -133,16 +149,19 @@ async fn a_resent_held_request_echoed_by_the_server_is_taken_as_empty() {
 #[tokio::test]
 async fn a_resend_older_than_the_servers_cache_is_never_sent() {
     let fake = ejabberd_like().await;
-    let (jid, mut suspended) = suspended_alice(&fake).await;
-    let held = suspended.unanswered[0].0;
-    // As if two more rids had been answered since an old one the saved state still lists.
+    let store = Store::memory();
+    let mut record = suspended_alice(&fake, &store).await;
+    let held = record.requests[0].0;
+    // As if the marks of two more rids had not been written since an old one the record still
+    // lists (a store that failed for a while).
     let old = held - 2;
-    suspended.unanswered.insert(
-        0,
-        (old, body::request_bytes(old, &suspended.params.sid, "")),
-    );
+    let meta = boshmux::bosh::SessionMeta::decode(&record.meta).unwrap();
+    record
+        .requests
+        .insert(0, (old, body::request_bytes(old, &meta.params.sid, "")));
+    record.handed_on = old - 1;
     let before = fake.records().len();
-    let mut s = client(&fake).resume(jid, suspended);
+    let mut s = resume(&client(&fake), &store, &record).await;
     still_works(&fake, &mut s, "after resume").await;
     let resent: Vec<u64> = fake.records()[before..]
         .iter()
@@ -166,8 +185,9 @@ async fn attached() -> (FakeCm, UnboundedReceiver<Intercepted>, BoshSession) {
     let jid = Jid::parse("alice@example.test/tab").unwrap();
     let session = BoshClient::new(cfg)
         .unwrap()
-        .attach(jid, "sid-1".into(), FIRST_RID);
-    (fake, requests, session)
+        .attach(jid, "sid-1".into(), FIRST_RID, &Store::none())
+        .await;
+    (fake, requests, one_by_one(session))
 }
 
 async fn next_request(rx: &mut UnboundedReceiver<Intercepted>) -> Intercepted {

@@ -11,8 +11,9 @@ use boshmux::bosh::{
     Body, BoshClient, BoshConfig, BoshError, BoshEvent, BoshSession, Timeouts, TransportError,
 };
 use boshmux::fake_cm::{Action, FakeCm, FakeCmConfig, Intercepted};
+use boshmux::store::Store;
 use boshmux::xmpp::{Element, Jid, ns};
-use support::{body_text, chat, next_event, next_stanza};
+use support::{body_text, chat, login, next_event, next_stanza, one_by_one};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -32,7 +33,11 @@ async fn attached() -> (FakeCm, UnboundedReceiver<Intercepted>, BoshSession) {
     let fake = FakeCm::start(FakeCmConfig::default()).await.unwrap();
     let requests = fake.intercept();
     let jid = Jid::parse("alice@example.test/tab").unwrap();
-    let session = client(&fake).attach(jid, "sid-1".into(), FIRST_RID);
+    let session = one_by_one(
+        client(&fake)
+            .attach(jid, "sid-1".into(), FIRST_RID, &Store::none())
+            .await,
+    );
     (fake, requests, session)
 }
 
@@ -370,8 +375,8 @@ async fn login_and_routing_against_the_fake_in_automatic_mode() {
     let c = client(&fake);
     let alice = Jid::parse("alice@example.test").unwrap();
     let bob = Jid::parse("bob@example.test").unwrap();
-    let mut a = c.login(&alice, "pa", Some("one")).await.unwrap();
-    let b = c.login(&bob, "pb", None).await.unwrap();
+    let mut a = login(&c, &alice, "pa", Some("one")).await.unwrap();
+    let b = login(&c, &bob, "pb", None).await.unwrap();
     assert_eq!(a.jid.to_string(), "alice@example.test/one");
     b.handle
         .send(chat("alice@example.test", "hi alice"))
@@ -382,7 +387,7 @@ async fn login_and_routing_against_the_fake_in_automatic_mode() {
     assert_eq!(got.attr("from"), Some(b.jid.to_string().as_str()));
     assert!(fake.max_outstanding() <= 2);
 
-    match c.login(&alice, "wrong", None).await {
+    match login(&c, &alice, "wrong", None).await {
         Err(BoshError::AuthFailed { condition }) => assert_eq!(condition, "not-authorized"),
         other => panic!("expected AuthFailed, got {other:?}"),
     }
@@ -398,7 +403,7 @@ async fn login_polls_for_features_and_walks_the_whole_exchange() {
     let c = client(&fake);
     let login = tokio::spawn(async move {
         let jid = Jid::parse("alice@example.test").unwrap();
-        c.login(&jid, "secret", Some("desk")).await
+        login(&c, &jid, "secret", Some("desk")).await
     });
     let body = |children: Vec<Element>| {
         let mut el = Element::new("body", ns::HTTPBIND);

@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use boshmux::bosh::{BoshClient, BoshError, BoshEvent};
+use boshmux::store::Store;
 use boshmux::xmpp::sasl::Mechanism;
 use boshmux::xmpp::{Element, ns};
 use support::{
@@ -19,11 +20,14 @@ async fn scram_sha1_login_binds_the_requested_resource(p: Server) {
     let mut cfg = p.bosh_config();
     cfg.mechanisms = vec![Mechanism::ScramSha256, Mechanism::ScramSha1];
     let (jid, password) = p.user("g01a");
-    let session = BoshClient::new(cfg)
-        .unwrap()
-        .login(&jid, &password, Some("tab-r1"))
-        .await
-        .unwrap();
+    let session = support::login(
+        &BoshClient::new(cfg).unwrap(),
+        &jid,
+        &password,
+        Some("tab-r1"),
+    )
+    .await
+    .unwrap();
     assert_eq!(session.jid.to_string(), "g01a@localhost/tab-r1");
     assert_eq!(session.params.requests, 2);
     assert_eq!(session.params.wait, 10);
@@ -38,8 +42,12 @@ async fn plain_login_works_and_a_message_from_another_account_arrives(p: Server)
     let client = BoshClient::new(cfg).unwrap();
     let (a_jid, a_pw) = p.user("g02a");
     let (b_jid, b_pw) = p.user("g02b");
-    let mut a = client.login(&a_jid, &a_pw, Some("a")).await.unwrap();
-    let b = client.login(&b_jid, &b_pw, Some("b")).await.unwrap();
+    let mut a = support::login(&client, &a_jid, &a_pw, Some("a"))
+        .await
+        .unwrap();
+    let b = support::login(&client, &b_jid, &b_pw, Some("b"))
+        .await
+        .unwrap();
     go_online(&mut a, LIMIT).await;
 
     b.handle
@@ -58,9 +66,7 @@ async fn an_idle_session_survives_several_wait_periods(p: Server) {
     let mut cfg = p.bosh_config();
     cfg.wait = 2;
     let (jid, pw) = p.user("g03a");
-    let mut s = BoshClient::new(cfg)
-        .unwrap()
-        .login(&jid, &pw, Some("idle"))
+    let mut s = support::login(&BoshClient::new(cfg).unwrap(), &jid, &pw, Some("idle"))
         .await
         .unwrap();
     assert_eq!(s.params.wait, 2);
@@ -90,11 +96,14 @@ async fn an_idle_session_survives_several_wait_periods(p: Server) {
 both!(the_server_shows_one_session_while_it_runs_and_none_after_terminate);
 async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate(p: Server) {
     let (jid, pw) = p.user("g04a");
-    let mut s = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&jid, &pw, Some("one"))
-        .await
-        .unwrap();
+    let mut s = support::login(
+        &BoshClient::new(p.bosh_config()).unwrap(),
+        &jid,
+        &pw,
+        Some("one"),
+    )
+    .await
+    .unwrap();
     assert_eq!(p.sessions_of(&jid), ["g04a@localhost/one"]);
     let presence = Element::new("presence", ns::CLIENT).with_attr("type", "unavailable");
     s.handle.terminate(vec![presence]).await.unwrap();
@@ -111,10 +120,13 @@ async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate(p: 
 both!(a_wrong_password_is_a_terminal_auth_error);
 async fn a_wrong_password_is_a_terminal_auth_error(p: Server) {
     let (jid, _) = p.user("g05a");
-    match BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&jid, "not-the-password", None)
-        .await
+    match support::login(
+        &BoshClient::new(p.bosh_config()).unwrap(),
+        &jid,
+        "not-the-password",
+        None,
+    )
+    .await
     {
         Err(e @ BoshError::AuthFailed { .. }) => {
             assert_eq!(e.to_string(), "authentication failed: not-authorized");
@@ -127,11 +139,14 @@ async fn a_wrong_password_is_a_terminal_auth_error(p: Server) {
 both!(a_session_closed_by_the_server_ends_with_the_servers_terminate);
 async fn a_session_closed_by_the_server_ends_with_the_servers_terminate(p: Server) {
     let (jid, pw) = p.user("g06a");
-    let mut s = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&jid, &pw, Some("kill"))
-        .await
-        .unwrap();
+    let mut s = support::login(
+        &BoshClient::new(p.bosh_config()).unwrap(),
+        &jid,
+        &pw,
+        Some("kill"),
+    )
+    .await
+    .unwrap();
     // Let the scheduler put its first request at the server before the kill.
     eventually("a request held at the server", LIMIT, || async {
         (s.handle.stats().await.unwrap().in_flight == 1).then_some(())
@@ -172,8 +187,10 @@ async fn attach_takes_over_a_session_created_elsewhere(p: Server) {
     assert_eq!(full.to_string(), "g07a@localhost/web");
 
     let client = BoshClient::new(p.bosh_config()).unwrap();
-    let mut a = client.attach(full.clone(), sid, rid);
-    let mut b = client.login(&b_jid, &b_pw, Some("b")).await.unwrap();
+    let mut a = support::one_by_one(client.attach(full.clone(), sid, rid, &Store::none()).await);
+    let mut b = support::login(&client, &b_jid, &b_pw, Some("b"))
+        .await
+        .unwrap();
     go_online(&mut b, LIMIT).await;
     go_online(&mut a, LIMIT).await;
 

@@ -695,13 +695,15 @@ async fn contact_message(b: &mut BoshSession, from: &str, prefix: &str) -> Resul
             .await
             .map_err(|_| format!("contact got no {prefix:?} message for {} s", WAIT.as_secs()))?;
         match event {
-            Some(BoshEvent::Stanza(s)) => {
-                if s.is("message", ns::CLIENT)
-                    && s.attr("from").is_some_and(|f| f.starts_with(from))
-                    && let Some(n) = body_text(&s)
-                        .and_then(|t| t.strip_prefix(prefix).and_then(|n| n.parse().ok()))
-                {
-                    return Ok(n);
+            Some(BoshEvent::Response { stanzas, .. }) => {
+                for s in stanzas {
+                    if s.is("message", ns::CLIENT)
+                        && s.attr("from").is_some_and(|f| f.starts_with(from))
+                        && let Some(n) = body_text(&s)
+                            .and_then(|t| t.strip_prefix(prefix).and_then(|n| n.parse().ok()))
+                    {
+                        return Ok(n);
+                    }
                 }
             }
             Some(BoshEvent::Ended(e)) => return Err(format!("contact's session ended: {e:?}")),

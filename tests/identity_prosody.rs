@@ -215,11 +215,14 @@ async fn a_password_with_a_no_break_space_logs_in(p: Prosody) {
     for mechanism in [Mechanism::ScramSha1, Mechanism::Plain] {
         let mut cfg = p.bosh_config();
         cfg.mechanisms = vec![mechanism];
-        let s = BoshClient::new(cfg)
-            .unwrap()
-            .login(&jid, password, Some("direct"))
-            .await
-            .unwrap_or_else(|e| panic!("{mechanism:?}: {e}"));
+        let s = support::login(
+            &BoshClient::new(cfg).unwrap(),
+            &jid,
+            password,
+            Some("direct"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mechanism:?}: {e}"));
         assert_eq!(s.jid.to_string(), "nbsp@localhost/direct");
         s.handle.terminate(Vec::new()).await.unwrap();
     }

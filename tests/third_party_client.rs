@@ -18,11 +18,14 @@ async fn xmpp_js_logs_in_with_a_token_and_exchanges_messages(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let h = d.handoff("g22a", "pw-g22a").await;
     let (b_jid, b_pw) = p.user("g22b");
-    let mut b = BoshClient::new(p.bosh_config())
-        .unwrap()
-        .login(&b_jid, &b_pw, Some("peer"))
-        .await
-        .unwrap();
+    let mut b = support::login(
+        &BoshClient::new(p.bosh_config()).unwrap(),
+        &b_jid,
+        &b_pw,
+        Some("peer"),
+    )
+    .await
+    .unwrap();
     go_online(&mut b, LIMIT).await;
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");

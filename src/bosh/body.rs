@@ -343,25 +343,28 @@ mod tests {
         );
         let params = SessionParams::from_body(&Body::parse(raw.as_bytes()).unwrap()).unwrap();
         let request = Body::request(7, sid, []).to_bytes();
-        let suspended = crate::bosh::scheduler::Suspended {
-            unanswered: vec![(7, request)],
-            ..crate::bosh::scheduler::Suspended::fresh(params.clone(), 8, Vec::new())
+        let meta = crate::bosh::SessionMeta {
+            jid: "a@b/c".into(),
+            params: params.clone(),
+            attached: false,
+            created: 0,
         };
-        let saved = crate::store::SessionRecord {
+        let record = crate::store::SessionRecord {
             bare: "a@b".into(),
             epoch: 1,
-            meta: bytes::Bytes::from(format!("{{\"sid\":\"{sid}\"}}")),
+            meta: meta.encode(),
             caches: bytes::Bytes::new(),
             handed_on: 6,
-            requests: vec![(7, Body::request(7, sid, []).to_bytes())],
+            requests: vec![(7, request)],
         };
         for shown in [
             format!("{params:?}"),
-            format!("{suspended:?}"),
-            format!("{saved:?}"),
+            format!("{meta:?}"),
+            format!("{record:?}"),
         ] {
             assert!(!shown.contains(sid), "{shown}");
         }
+        assert!(format!("{params:?}").contains("wait: 60"));
     }
 
     #[test]

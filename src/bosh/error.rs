@@ -97,4 +97,12 @@ pub enum BoshError {
     /// The session's task has ended; nothing more can be sent.
     #[error("session already closed")]
     Closed,
+    /// The session store refused a write-ahead record: another owner has taken the session over
+    /// (SPEC §8, §12). Nothing more was posted or handed on, and no terminate was sent: the
+    /// upstream session is the new owner's.
+    #[error("session taken over by another owner")]
+    Fenced,
+    /// A stored session record could not be read back (SPEC §8).
+    #[error("stored session unreadable: {0}")]
+    BadRecord(String),
 }

@@ -13,11 +13,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::body::{Body, BodyType, SessionParams};
 use super::error::{BoshError, TransportError};
+use super::meta::SessionMeta;
 use super::reader::Response;
-use super::scheduler::{self, BoshSession, Suspended};
+use super::scheduler::{self, BoshSession, Start};
 use super::transport::{PostError, Transport};
 use super::{BoshConfig, Timeouts};
 use crate::metrics::Metrics;
+use crate::store::{SessionRecord, SessionStore, Store, StoreError};
 use crate::xmpp::sasl::{self, Mechanism, SaslClient};
 use crate::xmpp::{Element, Jid, ns};
 
@@ -83,38 +85,67 @@ impl BoshClient {
         &self.config
     }
 
-    /// Establishes a session with `creds`: a full login, or an attach.
+    /// A client over `transport` (e.g. [`Transport::channel`] in tests) instead of HTTP to
+    /// `config.url`.
+    pub fn with_transport(config: BoshConfig, transport: Transport) -> BoshClient {
+        let transport = transport.with_read_limits(config.read_limits);
+        BoshClient {
+            config: Arc::new(config),
+            transport,
+        }
+    }
+
+    /// Establishes a session with `creds`: a full login, or an attach. Once it is bound (or
+    /// attached) its record is created in `store` (SPEC §8) and every request is written there
+    /// before it leaves; see [`BoshClient::login`].
     pub async fn connect(
         &self,
         creds: &Credentials,
         resource: Option<&str>,
+        store: &Store,
     ) -> Result<BoshSession, BoshError> {
         match creds {
-            Credentials::Password { jid, password } => self.login(jid, password, resource).await,
+            Credentials::Password { jid, password } => {
+                self.login(jid, password, resource, store).await
+            }
             Credentials::Attach { jid, sid, rid } => {
-                Ok(self.attach(jid.clone(), sid.clone(), *rid))
+                Ok(self.attach(jid.clone(), sid.clone(), *rid, store).await)
             }
         }
     }
 
-    /// Logs `jid` in with `password` and binds `resource` (the server's choice if `None`).
+    /// Logs `jid` in with `password` and binds `resource` (the server's choice if `None`), then
+    /// creates the session's record in `store` (keyed by the bare JID, replacing any, with
+    /// `handed_on` = the first scheduler rid − 1) and starts the session writing through it.
+    /// A store that cannot be reached does not fail the login: the session goes on without a
+    /// record (nothing to resume it from), with a warning and `boshmux_store_errors_total`.
     pub async fn login(
         &self,
         jid: &Jid,
         password: &str,
         resource: Option<&str>,
+        store: &Store,
     ) -> Result<BoshSession, BoshError> {
         let limit = self.config.timeouts.login;
-        tokio::time::timeout(limit, self.login_inner(jid, password, resource))
+        let bound = tokio::time::timeout(limit, self.login_inner(jid, password, resource))
             .await
-            .unwrap_or(Err(BoshError::LoginTimeout(limit)))
+            .unwrap_or(Err(BoshError::LoginTimeout(limit)))?;
+        let Bound {
+            full,
+            features,
+            start,
+        } = bound;
+        Ok(self
+            .establish(full, Some(features), start, false, store)
+            .await)
     }
 
-    /// Continues the session `sid` of `jid` (a full JID) at `rid`, as Strophe's `attach()` does.
+    /// Continues the session `sid` of `jid` (a full JID) at `rid`, as Strophe's `attach()` does,
+    /// with its record created in `store` as for [`BoshClient::login`] (`handed_on` = `rid` − 1).
     /// Nothing is sent until the session runs; a dead session ends with a terminal error event.
     /// The creation answer was never seen, so `requests='2'` and a `wait` of
     /// [`Timeouts::attach_wait`] are assumed.
-    pub fn attach(&self, jid: Jid, sid: String, rid: u64) -> BoshSession {
+    pub async fn attach(&self, jid: Jid, sid: String, rid: u64, store: &Store) -> BoshSession {
         let params = SessionParams {
             sid,
             wait: u32::try_from(self.config.timeouts.attach_wait.as_secs()).unwrap_or(u32::MAX),
@@ -130,14 +161,82 @@ impl BoshClient {
             accept: None,
             xmpp_version: None,
         };
-        let fresh = Suspended::fresh(params, rid, Vec::new());
-        scheduler::spawn(self.transport.clone(), &self.config, jid, None, fresh)
+        let start = Start::fresh(params, rid, Vec::new());
+        self.establish(jid, None, start, true, store).await
     }
 
-    /// Continues a session suspended by [`BoshHandle::suspend`](super::BoshHandle::suspend),
-    /// possibly in an earlier process: unanswered requests are resent first, byte for byte.
-    pub fn resume(&self, jid: Jid, suspended: Suspended) -> BoshSession {
-        scheduler::spawn(self.transport.clone(), &self.config, jid, None, suspended)
+    /// Creates the record of a session just bound or attached and starts its scheduler.
+    async fn establish(
+        &self,
+        full: Jid,
+        features: Option<Element>,
+        start: Start,
+        attached: bool,
+        store: &Store,
+    ) -> BoshSession {
+        let meta = SessionMeta {
+            jid: full.to_string(),
+            params: start.params.clone(),
+            attached,
+            created: crate::store::unix_now(),
+        };
+        let bare = full.to_bare().to_string();
+        let session_store = match store.create(&bare, meta.encode(), start.next_rid - 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                // No record exists, so none can be written to (a write would be refused as
+                // fenced): the session goes on without durability rather than failing the user.
+                self.config
+                    .metrics
+                    .store_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, "session record not created; this session will not survive a crash");
+                debug_assert!(
+                    !matches!(e, StoreError::Fenced { .. }),
+                    "create is not fenced"
+                );
+                SessionStore::none()
+            }
+        };
+        scheduler::spawn(
+            self.transport.clone(),
+            &self.config,
+            full,
+            features,
+            session_store,
+            start,
+        )
+    }
+
+    /// Takes over a session from its stored `record` (SPEC §8), writing through `store` (the
+    /// handle [`Store::take_over`] returned for it). The requests whose responses were not handed
+    /// on are resent first, oldest first, each once and byte-identical (the server answers
+    /// them from its cache, or holds them); new rids follow from the highest rid the record
+    /// knows + 1. [`BoshError::BadRecord`] when the record's meta cannot be read.
+    pub fn resume(
+        &self,
+        record: &SessionRecord,
+        store: SessionStore,
+    ) -> Result<BoshSession, BoshError> {
+        let meta = SessionMeta::decode(&record.meta)?;
+        let jid = Jid::parse(&meta.jid)
+            .map_err(|e| BoshError::BadRecord(format!("jid {:?}: {e}", meta.jid)))?;
+        let last = record.requests.last().map_or(0, |(rid, _)| *rid);
+        let start = Start {
+            params: meta.params,
+            next_rid: last.max(record.handed_on) + 1,
+            handed_on: record.handed_on,
+            unanswered: record.requests.clone(),
+            early: Vec::new(),
+        };
+        Ok(scheduler::spawn(
+            self.transport.clone(),
+            &self.config,
+            jid,
+            None,
+            store,
+            start,
+        ))
     }
 
     async fn login_inner(
@@ -145,7 +244,7 @@ impl BoshClient {
         jid: &Jid,
         password: &str,
         resource: Option<&str>,
-    ) -> Result<BoshSession, BoshError> {
+    ) -> Result<Bound, BoshError> {
         let cfg = &self.config;
         let domain = jid.domain().to_owned();
         let mut x = Exchange::new(self.transport.clone(), cfg.timeouts, cfg.metrics.clone());
@@ -227,14 +326,11 @@ impl BoshClient {
         tracing::debug!("resource bound");
 
         let early: Vec<Element> = x.early.into_iter().chain(x.inbox).collect();
-        let fresh = Suspended::fresh(params, x.rid, early);
-        Ok(scheduler::spawn(
-            self.transport.clone(),
-            cfg,
+        Ok(Bound {
             full,
-            Some(features),
-            fresh,
-        ))
+            features,
+            start: Start::fresh(params, x.rid, early),
+        })
     }
 
     async fn authenticate(
@@ -287,6 +383,13 @@ impl BoshClient {
             }
         }
     }
+}
+
+/// A session logged in and bound, before its record and scheduler exist.
+struct Bound {
+    full: Jid,
+    features: Element,
+    start: Start,
 }
 
 /// RFC 6120 §6.4.2: an empty payload is sent as `=`.

@@ -3,15 +3,17 @@
 //!
 //! Layers, bottom up: [`body`] (the `<body/>` codec) → [`transport`] (one HTTP POST) →
 //! [`login`] (sequential exchanges until a resource is bound) → [`scheduler`] (the task that owns
-//! the session afterwards: rid counter, held requests, retries, ordering), with [`cuts`] telling
-//! the scheduler what to make of held requests a proxy cuts. Callers see a
-//! [`BoshHandle`] to queue stanzas and a stream of [`BoshEvent`]s. Nothing here knows about pages
-//! or HTTP serving.
+//! the session afterwards: rid counter, held requests, retries, ordering, write-ahead records in
+//! the session store), with [`cuts`] telling the scheduler what to make of held requests a proxy
+//! cuts. Callers see a [`BoshHandle`] to queue stanzas and confirm responses, and a
+//! stream of [`BoshEvent`]s; [`SessionMeta`] is what the store keeps to resume a session in
+//! another process (SPEC §8). Nothing here knows about pages or HTTP serving.
 
 pub mod body;
 pub mod cuts;
 pub mod error;
 pub mod login;
+pub mod meta;
 pub mod reader;
 pub mod scheduler;
 pub mod transport;
@@ -22,9 +24,10 @@ pub use body::{Body, BodyError, BodyType, SessionParams};
 pub use cuts::WaitHint;
 pub use error::{BoshError, TransportError};
 pub use login::{BoshClient, Credentials};
+pub use meta::SessionMeta;
 pub use reader::{BodyReader, DropReason, Dropped, ReadLimits, Response};
-pub use scheduler::{BoshEvent, BoshHandle, BoshSession, Stats, Suspended};
-pub use transport::Transport;
+pub use scheduler::{BoshEvent, BoshHandle, BoshSession, Stats};
+pub use transport::{Answer, Transport};
 
 use std::sync::Arc;
 

@@ -1,10 +1,11 @@
-//! The task that owns an established BOSH session: rid counter, requests in flight, retries and
-//! response ordering. Callers talk to it through a [`BoshHandle`] and hear from it through
+//! The task that owns an established BOSH session: rid counter, requests in flight, retries,
+//! response ordering and the write-ahead records that let another process take the session over
+//! (SPEC §8, RECOVERY.md). Callers talk to it through a [`BoshHandle`] and hear from it through
 //! [`BoshEvent`]s.
 //!
 //! Invariants kept here (XEP-0124 §§ 9–14):
-//! - at least one request is always in flight while the session lives, so the server can push
-//!   to us at any time and its inactivity timer never runs out;
+//! - at least one request is always in flight while the session lives and the owner keeps up,
+//!   so the server can push to us at any time and its inactivity timer never runs out;
 //! - never more than `requests` requests in flight (a final terminate excepted, as allowed);
 //! - each new request carries the previous rid + 1; a failed one is resent byte-identical with
 //!   its own rid; one held and then cut by a proxy (SPEC §7) likewise, at once and without
@@ -15,18 +16,29 @@
 //!   one (ejabberd destroys a session on a rid 3 ahead);
 //! - ejabberd's answer to a resent request it was holding can echo that request's own stanzas
 //!   (the body then carries a `rid` attribute); such an echo is recognised and taken as empty;
-//! - responses are handed on in rid order, whatever order they arrive in;
+//! - responses are handed on in rid order, whatever order they arrive in, one
+//!   [`BoshEvent::Response`] per rid, empty ones included;
+//! - write-ahead: a new rid is posted only once its exact bytes are in the session store
+//!   ([`SessionStore::request`]), and new rids are posted in rid order; resends are not
+//!   written again;
+//! - the window: a new rid is posted only while `rid - acked <= requests`, `acked` being the
+//!   highest rid whose response the owner confirmed with [`BoshHandle::handed_on`]. So at most
+//!   `requests` rids are ever unconfirmed, and a process taking over resends only those (never
+//!   one 2 below the newest, which ejabberd never answers);
+//! - fencing: a write-ahead record refused as [`StoreError::Fenced`] ends the session at once,
+//!   with nothing more posted or handed on (not even a response already read) and no
+//!   terminate;
 //! - stanzas queued while every slot is busy go together in the next request;
 //! - a new request is posted at least [`ORDER_GAP`] after the previous one while that one is
 //!   unanswered, so that requests reach the server in rid order.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -37,6 +49,7 @@ use super::reader::{DropReason, Dropped, Response};
 use super::transport::{PostError, Transport};
 use super::{BoshConfig, Timeouts};
 use crate::metrics::Metrics;
+use crate::store::{SessionStore, StoreError};
 use crate::xmpp::{Element, Jid, ns};
 
 /// Stanzas the scheduler holds before it stops taking more from its handles (backpressure).
@@ -51,6 +64,9 @@ const MIN_HOLD: Duration = Duration::from_millis(200);
 /// one that found an idle pooled connection: ejabberd 23.01 then never answers the pair (the
 /// session wedges until its inactivity timeout). The gap lets the older request get on the wire.
 const ORDER_GAP: Duration = Duration::from_millis(25);
+/// Least time between two warnings about failed store writes (the process over); the count is in
+/// `boshmux_store_errors_total`.
+const STORE_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A live upstream session as its owner sees it.
 #[derive(Debug)]
@@ -63,15 +79,27 @@ pub struct BoshSession {
     pub jid: Jid,
     /// The session parameters (assumed ones for an attached session).
     pub params: SessionParams,
-    /// Stream features after the restart (absent for an attached session).
+    /// Stream features after the restart (absent for an attached or resumed session).
     pub features: Option<Element>,
+    /// The session's record in the store (SPEC §8), at the epoch this process holds: the
+    /// scheduler writes the requests through it, the owner its `HandedOn` marks and caches.
+    pub store: SessionStore,
 }
 
 /// What happens to a session.
 #[derive(Debug)]
 pub enum BoshEvent {
-    /// A stanza from the server, in the order the server sent it.
-    Stanza(Element),
+    /// The response to request `rid`: its stanzas in the order the server sent them, possibly
+    /// none. One per rid, in rid order. The owner takes them in, writes the `HandedOn` mark of
+    /// `rid` to the store and then calls [`BoshHandle::handed_on`]; until then the rid counts
+    /// against the window (see the module documentation). Stanzas that arrived during login
+    /// come first, as the response of the last login rid (the first rid − 1).
+    Response {
+        /// The request's rid.
+        rid: u64,
+        /// Its stanzas.
+        stanzas: Vec<Element>,
+    },
     /// A request failed in transport and will be resent.
     Retrying {
         /// The request's rid.
@@ -83,8 +111,8 @@ pub enum BoshEvent {
     },
     /// A response arrived again after failures.
     Recovered,
-    /// The session is over: `Ok` after a terminate we asked for, the terminal error otherwise.
-    /// Always the last event.
+    /// The session is over: `Ok` after a terminate or suspend we asked for, the terminal error
+    /// otherwise ([`BoshError::Fenced`] when another owner took it over). Always the last event.
     Ended(Result<(), BoshError>),
 }
 
@@ -112,59 +140,37 @@ pub struct Stats {
 enum Command {
     Send(Vec<Element>),
     Stats(oneshot::Sender<Stats>),
-    Suspend(oneshot::Sender<Suspended>),
+    Suspend(oneshot::Sender<Vec<Element>>),
     Terminate {
         farewell: Vec<Element>,
         done: oneshot::Sender<()>,
     },
 }
 
-/// A session stopped without ending it upstream, to be resumed by another process (SPEC §8).
-/// `Debug` shows neither the sid nor the unanswered requests' bytes (which carry it).
-#[derive(Clone)]
-pub struct Suspended {
+/// Where a scheduler starts: a session just established, or one taken over from the store.
+pub(crate) struct Start {
     /// The session parameters, sid included.
     pub params: SessionParams,
     /// The rid the next new request carries.
     pub next_rid: u64,
-    /// Requests sent and not answered, in rid order, byte for byte: resent first on resume to
-    /// collect their (cached) responses.
+    /// The highest rid whose response was handed on (the window's base).
+    pub handed_on: u64,
+    /// Requests sent (or about to be) whose responses were not handed on, ascending, byte for
+    /// byte: resent first, each once, to collect their (cached) responses.
     pub unanswered: Vec<(u64, Bytes)>,
-    /// Stanzas received but not yet handed on (they waited for an earlier rid).
-    pub inbound: Vec<Element>,
-    /// Stanzas queued and not yet sent.
-    pub outbound: Vec<Element>,
+    /// Stanzas received during login, handed on first.
+    pub early: Vec<Element>,
 }
 
-impl std::fmt::Debug for Suspended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Suspended {
+impl Start {
+    /// A session at `next_rid` with nothing pending but `early` stanzas to hand on.
+    pub(crate) fn fresh(params: SessionParams, next_rid: u64, early: Vec<Element>) -> Self {
+        Start {
             params,
             next_rid,
-            unanswered,
-            inbound,
-            outbound,
-        } = self;
-        let rids: Vec<u64> = unanswered.iter().map(|(rid, _)| *rid).collect();
-        f.debug_struct("Suspended")
-            .field("params", params)
-            .field("next_rid", next_rid)
-            .field("unanswered_rids", &rids)
-            .field("inbound", &inbound.len())
-            .field("outbound", &outbound.len())
-            .finish()
-    }
-}
-
-impl Suspended {
-    /// A session at `next_rid` with nothing pending but `inbound` stanzas to hand on.
-    pub(crate) fn fresh(params: SessionParams, next_rid: u64, inbound: Vec<Element>) -> Self {
-        Suspended {
-            params,
-            next_rid,
+            handed_on: next_rid - 1,
             unanswered: Vec::new(),
-            inbound,
-            outbound: Vec::new(),
+            early,
         }
     }
 }
@@ -178,6 +184,11 @@ pub struct BoshHandle {
     tx: mpsc::Sender<Command>,
     /// The rid the next new request will carry, for status displays.
     rid: Arc<AtomicU64>,
+    /// The highest rid the owner confirmed as handed on.
+    acked: Arc<watch::Sender<u64>>,
+    /// The scheduler's task, for tests that simulate a crash.
+    #[cfg(test)]
+    task: tokio::task::AbortHandle,
 }
 
 impl BoshHandle {
@@ -202,6 +213,21 @@ impl BoshHandle {
             .map_err(|_| BoshError::Closed)
     }
 
+    /// Confirms that the response of `rid` (and of every lower rid) has been taken in and its
+    /// `HandedOn` mark written to the store (SPEC §8). Opens the window for new requests (see
+    /// the module documentation). Synchronous and never blocks; lower values than one already
+    /// given are ignored, and it does nothing once the session has ended. An owner that keeps
+    /// nothing to resume from may confirm everything at once with `handed_on(u64::MAX)`.
+    pub fn handed_on(&self, rid: u64) {
+        self.acked.send_if_modified(|acked| {
+            let raise = rid > *acked;
+            if raise {
+                *acked = rid;
+            }
+            raise
+        });
+    }
+
     /// The session's counters. Commands are handled in order, so this also confirms that every
     /// stanza sent before it has been queued.
     pub async fn stats(&self) -> Result<Stats, BoshError> {
@@ -214,8 +240,12 @@ impl BoshHandle {
         self.ask(|done| Command::Terminate { farewell, done }).await
     }
 
-    /// Stops the session without ending it upstream and returns what resuming it needs.
-    pub async fn suspend(&self) -> Result<Suspended, BoshError> {
+    /// Stops the session without ending it upstream (SPEC §8): nothing more is posted, the
+    /// requests in flight are dropped here (they stay at the server, and in the store), and the
+    /// stanzas queued but not yet sent are returned, in order, for the owner to keep. Everything
+    /// else a new owner needs is in the store; [`BoshClient::resume`](super::BoshClient::resume)
+    /// takes it from there. The session then ends with `Ended(Ok(()))`.
+    pub async fn suspend(&self) -> Result<Vec<Element>, BoshError> {
         self.ask(Command::Suspend).await
     }
 
@@ -241,50 +271,63 @@ impl BoshHandle {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Stops the scheduler's task where it stands, as a crash of the process would: no more
+    /// code of it runs, nothing is sent, nothing is written.
+    #[cfg(test)]
+    pub(crate) fn crash(&self) {
+        self.task.abort();
+    }
 }
 
-/// Starts the scheduler for an established session in state `s`: its unanswered requests are
-/// resent first, its inbound stanzas handed on first, its outbound ones queued. A session just
-/// logged in or attached is one with nothing pending ([`Suspended::fresh`]).
+/// Starts the scheduler for an established session in state `s`, writing through `store`: its
+/// unanswered requests are resent first (oldest first, each once, byte-identical), its early
+/// stanzas handed on first.
 pub(crate) fn spawn(
     transport: Transport,
     config: &BoshConfig,
     jid: Jid,
     features: Option<Element>,
-    s: Suspended,
+    store: SessionStore,
+    s: Start,
 ) -> BoshSession {
-    let Suspended {
+    let Start {
         params,
         next_rid: rid,
+        handed_on,
         unanswered: mut resend,
-        inbound: early,
-        outbound,
+        early,
     } = s;
     // Anything older than the server's two-reply cache would never be answered by ejabberd (and
-    // poisons the session), so it is not resent; it cannot occur with requests=2.
+    // poisons the session), so it is not resent; the window keeps it from occurring unless marks
+    // could not be written.
     let oldest_useful = rid.saturating_sub(u64::from(params.requests.max(2)));
-    resend.retain(|(r, _)| *r >= oldest_useful);
+    resend.retain(|(r, _)| *r >= oldest_useful && *r > handed_on);
+    let acked = resend
+        .first()
+        .map_or(rid - 1, |(r, _)| r - 1)
+        .max(handed_on);
     let (tx, commands) = mpsc::channel(CHANNEL_CAP);
     let (event_tx, events) = mpsc::channel(CHANNEL_CAP);
+    let (acked_tx, acked_rx) = watch::channel(acked);
     let wait = Duration::from_secs(u64::from(params.wait));
     let inactivity = Duration::from_secs(u64::from(params.inactivity.unwrap_or(60)));
     let rid_shown = Arc::new(AtomicU64::new(rid));
-    let scheduler = Scheduler {
+    let mut scheduler = Scheduler {
         transport,
         jid: jid.clone(),
         timeouts: config.timeouts,
         sid: params.sid.clone(),
         next_rid: rid,
-        next_deliver: resend.first().map_or(rid, |(r, _)| *r),
+        next_deliver: acked + 1,
         requests: params.requests.max(1) as usize,
         request_timeout: wait + config.timeouts.margin,
         polling: Duration::from_secs(u64::from(params.polling.unwrap_or(5))).min(inactivity / 2),
         max_request_bytes: config.max_request_bytes,
         in_flight: BTreeMap::new(),
         answered: BTreeMap::new(),
-        outbox: outbound.into(),
+        outbox: VecDeque::new(),
         tasks: JoinSet::new(),
-        params: params.clone(),
         events: event_tx,
         metrics: config.metrics.clone(),
         rid_shown: rid_shown.clone(),
@@ -294,8 +337,11 @@ pub(crate) fn spawn(
         last_post: None,
         order_wait: None,
         cuts: CutDetector::new(params.wait, config.wait_hint.clone()),
+        store: store.clone(),
+        acked: acked_rx,
+        written: Arc::new(watch::Sender::new(rid - 1)),
+        fenced: Arc::new(AtomicBool::new(false)),
     };
-    let mut scheduler = scheduler;
     // Oldest first, each once; a younger one goes out when the older ones are answered (a rid the
     // server deferred must not arrive twice).
     for (r, bytes) in resend {
@@ -310,14 +356,27 @@ pub(crate) fn spawn(
             },
         );
     }
+    if !scheduler.in_flight.is_empty() {
+        // A new request keeps its distance from the resend, as from any unanswered request.
+        scheduler.last_post = Some(Instant::now());
+    }
     scheduler.unpark();
-    tokio::spawn(scheduler.run(commands, early));
+    let task = tokio::spawn(scheduler.run(commands, early));
+    #[cfg(not(test))]
+    drop(task);
     BoshSession {
-        handle: BoshHandle { tx, rid: rid_shown },
+        handle: BoshHandle {
+            tx,
+            rid: rid_shown,
+            acked: Arc::new(acked_tx),
+            #[cfg(test)]
+            task: task.abort_handle(),
+        },
         events,
         jid,
         params,
         features,
+        store,
     }
 }
 
@@ -344,6 +403,15 @@ struct Reply {
     result: Result<Response, PostError>,
 }
 
+/// What a request task ends with.
+enum Outcome {
+    /// It posted and got an answer or a failure.
+    Posted(Reply),
+    /// The store refused its write-ahead record (or another task's): the session is another
+    /// owner's now. The epoch now, when known.
+    Fenced(Option<u64>),
+}
+
 struct Scheduler {
     transport: Transport,
     /// The session's full JID, the sender of error replies to dropped stanzas.
@@ -358,12 +426,10 @@ struct Scheduler {
     polling: Duration,
     max_request_bytes: usize,
     in_flight: BTreeMap<u64, InFlight>,
-    /// The session parameters, kept for suspending.
-    params: SessionParams,
     /// Responses that arrived before an earlier rid's.
     answered: BTreeMap<u64, Body>,
     outbox: VecDeque<Element>,
-    tasks: JoinSet<Reply>,
+    tasks: JoinSet<Outcome>,
     events: mpsc::Sender<BoshEvent>,
     metrics: Arc<Metrics>,
     rid_shown: Arc<AtomicU64>,
@@ -378,6 +444,16 @@ struct Scheduler {
     order_wait: Option<Instant>,
     /// Learns from held requests cut by a proxy (SPEC §7).
     cuts: CutDetector,
+    /// Where the write-ahead records go.
+    store: SessionStore,
+    /// The highest rid the owner confirmed as handed on ([`BoshHandle::handed_on`]).
+    acked: watch::Receiver<u64>,
+    /// The highest new rid whose write-ahead record is done (or given up on): a new rid is
+    /// posted only after every older one, whatever order their writes complete in.
+    written: Arc<watch::Sender<u64>>,
+    /// Set by the first request task whose write was fenced; checked before anything is posted
+    /// or handed on, so that nothing slips through before the scheduler sees that task's end.
+    fenced: Arc<AtomicBool>,
 }
 
 /// The owner stopped listening; the session should end.
@@ -385,7 +461,15 @@ struct Deaf;
 
 impl Scheduler {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, early: Vec<Element>) {
-        let mut ended = self.deliver_all(early).await.err().map(|Deaf| Ok(()));
+        let mut ended = None;
+        if !early.is_empty() {
+            let rid = self.next_deliver - 1;
+            match self.hand_on(rid, early).await {
+                Ok(()) => {}
+                Err(Ended::Error(e)) => ended = Some(Err(e)),
+                Err(Ended::Deaf) => ended = Some(Ok(())),
+            }
+        }
         while ended.is_none() {
             self.fill();
             let poll_at = match (self.in_flight.is_empty(), self.empty_not_before) {
@@ -414,8 +498,15 @@ impl Scheduler {
                     }
                 },
                 Some(joined) = self.tasks.join_next() => {
-                    let reply = joined.expect("request tasks do not panic and are aborted only on exit");
-                    match self.on_reply(reply).await {
+                    let outcome = joined.expect("request tasks do not panic and are aborted only on exit");
+                    let result = match outcome {
+                        Outcome::Posted(reply) => self.on_reply(reply).await,
+                        Outcome::Fenced(current) => {
+                            tracing::warn!(?current, "session taken over by another owner; stopping at once");
+                            Err(Ended::Error(BoshError::Fenced))
+                        }
+                    };
+                    match result {
                         Ok(()) => {}
                         Err(Ended::Error(e)) => ended = Some(Err(e)),
                         Err(Ended::Deaf) => {
@@ -424,6 +515,8 @@ impl Scheduler {
                         }
                     }
                 }
+                // The owner confirmed a response: the window may let a new request out.
+                Ok(()) = self.acked.changed() => {}
                 () = tokio::time::sleep_until(poll_at.unwrap_or_else(Instant::now)), if poll_at.is_some() => {
                     let now = Instant::now();
                     if self.order_wait.is_some_and(|at| at <= now) {
@@ -435,7 +528,11 @@ impl Scheduler {
             }
         }
         self.tasks.abort_all();
-        let end = ended.unwrap_or(Ok(()));
+        let end = if self.fenced.load(Ordering::SeqCst) {
+            Err(BoshError::Fenced)
+        } else {
+            ended.unwrap_or(Ok(()))
+        };
         match &end {
             Ok(()) => tracing::debug!("upstream session ended"),
             Err(e) => tracing::info!(error = %e, "upstream session lost"),
@@ -452,10 +549,16 @@ impl Scheduler {
         }
     }
 
-    /// Sends new requests while the rules allow: queued stanzas whenever a slot is free, and an
-    /// empty request whenever nothing is in flight.
+    /// Whether the window lets the next new rid out: at most `requests` rids above the highest
+    /// one the owner confirmed.
+    fn window_open(&self) -> bool {
+        self.next_rid.saturating_sub(*self.acked.borrow()) <= self.requests as u64
+    }
+
+    /// Sends new requests while the rules allow: queued stanzas whenever a slot (and the window)
+    /// is free, and an empty request whenever nothing is in flight.
     fn fill(&mut self) {
-        while self.in_flight.len() < self.requests {
+        while self.in_flight.len() < self.requests && self.window_open() {
             if self.outbox.is_empty() {
                 let may_poll = self.empty_not_before.is_none_or(|at| Instant::now() >= at);
                 if self.in_flight.is_empty() && may_poll {
@@ -513,28 +616,77 @@ impl Scheduler {
             .upstream_requests
             .fetch_add(1, Ordering::Relaxed);
         self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight.len());
-        self.post(rid, 0, bytes, Duration::ZERO);
+        self.post_new(rid, bytes);
     }
 
+    /// Posts the new request `rid` once its write-ahead record is in the store and every older
+    /// new rid has been posted. The write is awaited in the request's task, never here.
+    fn post_new(&mut self, rid: u64, bytes: Bytes) {
+        let transport = self.transport.clone();
+        let timeout = self.request_timeout;
+        let store = self.store.clone();
+        let written = self.written.clone();
+        let fenced = self.fenced.clone();
+        let metrics = self.metrics.clone();
+        self.tasks.spawn(async move {
+            match store.request(rid, bytes.clone()).await {
+                Ok(()) => {}
+                Err(StoreError::Fenced { current }) => {
+                    fenced.store(true, Ordering::SeqCst);
+                    return Outcome::Fenced(current);
+                }
+                Err(e) => store_failed(&metrics, &e),
+            }
+            // Requests reach the server in rid order, whichever write finished first.
+            let _ = written.subscribe().wait_for(|w| *w + 1 >= rid).await;
+            written.send_if_modified(|w| {
+                let raise = rid > *w;
+                if raise {
+                    *w = rid;
+                }
+                raise
+            });
+            if fenced.load(Ordering::SeqCst) {
+                return Outcome::Fenced(None);
+            }
+            let sent_at = Instant::now();
+            let result = transport.post(bytes, timeout).await;
+            Outcome::Posted(Reply {
+                rid,
+                attempt: 0,
+                sent_at,
+                result,
+            })
+        });
+    }
+
+    /// Posts a resend of `rid` after `delay` (no write-ahead record: the first one stands).
     fn post(&mut self, rid: u64, attempt: u32, bytes: Bytes, delay: Duration) {
         let transport = self.transport.clone();
         let timeout = self.request_timeout;
+        let fenced = self.fenced.clone();
         self.tasks.spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            if fenced.load(Ordering::SeqCst) {
+                return Outcome::Fenced(None);
+            }
             let sent_at = Instant::now();
             let result = transport.post(bytes, timeout).await;
-            Reply {
+            Outcome::Posted(Reply {
                 rid,
                 attempt,
                 sent_at,
                 result,
-            }
+            })
         });
     }
 
     async fn on_reply(&mut self, reply: Reply) -> Result<(), Ended> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(Ended::Error(BoshError::Fenced));
+        }
         let Some(req) = self.in_flight.get(&reply.rid) else {
             return Ok(()); // answered already, by an earlier attempt of a resend
         };
@@ -568,15 +720,11 @@ impl Scheduler {
                 self.in_flight.remove(&reply.rid);
                 // Hand on what arrived before, in order, then this body's stanzas, then the end.
                 let earlier = std::mem::take(&mut self.answered);
-                for (_, b) in earlier.into_iter().filter(|(rid, _)| *rid < reply.rid) {
-                    self.deliver_all(b.into_children())
-                        .await
-                        .map_err(|Deaf| Ended::Deaf)?;
+                for (rid, b) in earlier.into_iter().filter(|(rid, _)| *rid < reply.rid) {
+                    self.hand_on(rid, b.into_children()).await?;
                 }
                 let (stanzas, error) = terminated(body);
-                self.deliver_all(stanzas)
-                    .await
-                    .map_err(|Deaf| Ended::Deaf)?;
+                self.hand_on(reply.rid, stanzas).await?;
                 Err(Ended::Error(error))
             }
             BodyType::Normal => {
@@ -617,10 +765,9 @@ impl Scheduler {
                 }
                 self.answered.insert(reply.rid, body);
                 while let Some(b) = self.answered.remove(&self.next_deliver) {
+                    let rid = self.next_deliver;
                     self.next_deliver += 1;
-                    self.deliver_all(b.into_children())
-                        .await
-                        .map_err(|Deaf| Ended::Deaf)?;
+                    self.hand_on(rid, b.into_children()).await?;
                 }
                 Ok(())
             }
@@ -727,24 +874,13 @@ impl Scheduler {
         }
     }
 
-    /// Everything resuming needs; requests in flight are dropped locally and stay at the server.
-    fn suspend(&mut self) -> Suspended {
+    /// Stops without ending the session upstream: requests in flight are dropped here (they stay
+    /// at the server and in the store) and the stanzas not yet sent are returned.
+    fn suspend(&mut self) -> Vec<Element> {
         self.tasks.abort_all();
-        let unanswered = std::mem::take(&mut self.in_flight)
-            .into_iter()
-            .map(|(rid, req)| (rid, req.bytes))
-            .collect();
-        let inbound = std::mem::take(&mut self.answered)
-            .into_values()
-            .flat_map(Body::into_children)
-            .collect();
-        Suspended {
-            params: self.params.clone(),
-            next_rid: self.next_rid,
-            unanswered,
-            inbound,
-            outbound: self.outbox.drain(..).collect(),
-        }
+        self.in_flight.clear();
+        self.answered.clear();
+        self.outbox.drain(..).collect()
     }
 
     /// Sends queued stanzas and `farewell` in a terminate request, then drops every other request
@@ -752,6 +888,11 @@ impl Scheduler {
     /// running until then: one aborted before it reached the server would leave a gap in the rids,
     /// and the server would hold the terminate waiting for it.
     async fn terminate(&mut self, farewell: Vec<Element>) {
+        if self.fenced.load(Ordering::SeqCst) {
+            // The session is another owner's: ending it would end theirs.
+            self.tasks.abort_all();
+            return;
+        }
         let mut payload = String::new();
         for stanza in self.outbox.drain(..).chain(farewell) {
             stanza.write_xml(&mut payload, ns::HTTPBIND);
@@ -767,12 +908,16 @@ impl Scheduler {
         self.in_flight.clear();
     }
 
-    async fn deliver_all(&mut self, stanzas: Vec<Element>) -> Result<(), Deaf> {
-        for s in stanzas {
-            self.stats.stanzas_in += 1;
-            self.emit(BoshEvent::Stanza(s)).await?;
+    /// Emits the response of `rid`, unless a write-ahead record was fenced: then nothing more
+    /// reaches the owner, not even a response already read.
+    async fn hand_on(&mut self, rid: u64, stanzas: Vec<Element>) -> Result<(), Ended> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(Ended::Error(BoshError::Fenced));
         }
-        Ok(())
+        self.stats.stanzas_in += stanzas.len() as u64;
+        self.emit(BoshEvent::Response { rid, stanzas })
+            .await
+            .map_err(|Deaf| Ended::Deaf)
     }
 
     async fn emit(&self, event: BoshEvent) -> Result<(), Deaf> {
@@ -783,6 +928,23 @@ impl Scheduler {
 enum Ended {
     Error(BoshError),
     Deaf,
+}
+
+/// Counts a failed write-ahead record (the request is posted anyway) and warns at most once a
+/// minute for the whole process, so that a store outage does not flood the log.
+fn store_failed(metrics: &Metrics, error: &StoreError) {
+    static LAST_WARNING: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::Instant::now();
+    let mut last = LAST_WARNING.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|at| now.duration_since(at) >= STORE_WARN_EVERY) {
+        *last = Some(now);
+        tracing::warn!(
+            %error,
+            "session store write failed; request posted without its write-ahead record \
+             (failures are counted in boshmux_store_errors_total, logged once a minute)"
+        );
+    }
 }
 
 /// The error reply to a stanza dropped on its way in, for the kinds whose sender waits for an
@@ -881,3 +1043,6 @@ pub(crate) fn terminated(body: Body) -> (Vec<Element>, BoshError) {
         },
     )
 }
+
+#[cfg(test)]
+mod tests;

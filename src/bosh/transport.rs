@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 use super::cuts::CUT_MIN_HELD;
 use super::error::TransportError;
@@ -26,6 +27,21 @@ pub struct Transport {
     http: reqwest::Client,
     url: reqwest::Url,
     limits: ReadLimits,
+    /// Set for an in-memory transport ([`Transport::channel`]): requests go there, not to `url`.
+    channel: Option<mpsc::UnboundedSender<(Bytes, oneshot::Sender<Answer>)>>,
+}
+
+/// What the other end of an in-memory transport ([`Transport::channel`]) answers to a request.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// HTTP 200 with these body bytes, read as a real response is (the reader's limits apply;
+    /// broken framing is a transient failure).
+    Body(Bytes),
+    /// Another HTTP status, with the reason phrase when it is not the standard one.
+    Status(u16, Option<String>),
+    /// A transient failure (connection reset, proxy cut, …): the request may have reached the
+    /// server or not.
+    Fail(TransportError),
 }
 
 impl Transport {
@@ -44,7 +60,23 @@ impl Transport {
             http,
             url,
             limits: ReadLimits::DEFAULT,
+            channel: None,
         })
+    }
+
+    /// An in-memory transport, **for tests**: each request arrives on the receiver as its exact
+    /// bytes and a reply channel, and the test (playing the connection manager) answers when it
+    /// chooses. Dropping the reply channel is a failed connection; the request deadline applies
+    /// as over HTTP. No socket is involved, so it works on paused time
+    /// ([`tokio::time::pause`]), where a real socket read would race the auto-advancing clock.
+    pub fn channel() -> (
+        Transport,
+        mpsc::UnboundedReceiver<(Bytes, oneshot::Sender<Answer>)>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut t = Transport::new("http://in-memory.invalid/").expect("a valid URL");
+        t.channel = Some(tx);
+        (t, rx)
     }
 
     /// The same transport reading responses under `limits`.
@@ -68,6 +100,9 @@ impl Transport {
     /// on the wire for [`CUT_MIN_HELD`] or longer is a [`TransportError::Cut`] (SPEC §7):
     /// something in between gave up on a request the server was holding.
     pub(crate) async fn post(&self, body: Bytes, timeout: Duration) -> Result<Response, PostError> {
+        if let Some(channel) = &self.channel {
+            return self.post_channel(channel, body, timeout).await;
+        }
         let started = Instant::now();
         // Set once a 200 arrived: what fails after it is no cut, the server had answered.
         let answered = AtomicBool::new(false);
@@ -150,6 +185,38 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
         .redirect(reqwest::redirect::Policy::none())
         .tcp_nodelay(true)
         .user_agent(concat!("boshmux/", env!("CARGO_PKG_VERSION")))
+}
+
+impl Transport {
+    /// [`Transport::post`] over the in-memory channel of [`Transport::channel`].
+    async fn post_channel(
+        &self,
+        channel: &mpsc::UnboundedSender<(Bytes, oneshot::Sender<Answer>)>,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Response, PostError> {
+        let closed = || PostError::Transient(TransportError::Connection("channel closed".into()));
+        let (tx, rx) = oneshot::channel();
+        channel.send((body, tx)).map_err(|_| closed())?;
+        let answer = tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| PostError::Transient(TransportError::Timeout(timeout)))?
+            .map_err(|_| closed())?;
+        match answer {
+            Answer::Body(bytes) => {
+                let mut reader = BodyReader::new(self.limits);
+                reader
+                    .feed(&bytes)
+                    .and_then(|()| reader.finish())
+                    .map_err(|e| PostError::Transient(TransportError::BadBody(e)))
+            }
+            Answer::Status(status, _) if status >= 500 => {
+                Err(PostError::Transient(TransportError::ServerError(status)))
+            }
+            Answer::Status(status, reason) => Err(PostError::Status(status, reason)),
+            Answer::Fail(e) => Err(PostError::Transient(e)),
+        }
+    }
 }
 
 /// The reason phrase of `resp` when it differs from the standard one for its status.

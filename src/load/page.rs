@@ -209,9 +209,11 @@ async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, St
     let client = BoshClient::new(BoshConfig::new(url)).map_err(|e| e.to_string())?;
     let jid = Jid::parse(&user.bare).map_err(|e| e.to_string())?;
     let mut session = client
-        .login(&jid, &user.password, None)
+        .login(&jid, &user.password, None, &crate::store::Store::none())
         .await
         .map_err(|e| e.to_string())?;
+    // Nothing is kept to resume from: every response counts as handed on at once.
+    session.handle.handed_on(u64::MAX);
     session
         .handle
         .send(Element::new("presence", ns::CLIENT))
@@ -221,9 +223,11 @@ async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, St
     let reader = tokio::spawn(async move {
         while let Some(event) = session.events.recv().await {
             match event {
-                BoshEvent::Stanza(s) => {
-                    if let Some(body) = s.child("body", ns::CLIENT) {
-                        count(&shared, &body.text());
+                BoshEvent::Response { stanzas, .. } => {
+                    for s in stanzas {
+                        if let Some(body) = s.child("body", ns::CLIENT) {
+                            count(&shared, &body.text());
+                        }
                     }
                 }
                 BoshEvent::Ended(Err(e)) => {

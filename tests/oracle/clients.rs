@@ -108,16 +108,20 @@ impl Client {
         cfg.mechanisms = vec![boshmux::xmpp::sasl::Mechanism::Plain];
         let session = BoshClient::new(cfg)
             .unwrap()
-            .login(&jid, &pw, Some(resource))
+            .login(&jid, &pw, Some(resource), &boshmux::store::Store::none())
             .await
             .unwrap_or_else(|e| panic!("direct login of {jid}/{resource}: {e}"));
+        // Nothing is kept to resume from: every response counts as handed on at once.
+        session.handle.handed_on(u64::MAX);
         let log = Log::new();
         let sink = Arc::clone(&log);
         let mut events = session.events;
         let reader = tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
                 match ev {
-                    BoshEvent::Stanza(s) => sink.push(s),
+                    BoshEvent::Response { stanzas, .. } => {
+                        stanzas.into_iter().for_each(|s| sink.push(s))
+                    }
                     BoshEvent::Ended(_) => break,
                     _ => {}
                 }

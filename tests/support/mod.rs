@@ -12,7 +12,10 @@ use std::future::Future;
 use std::process::Command;
 use std::time::Duration;
 
-use boshmux::bosh::{Body, BoshConfig, BoshEvent, SessionParams, Timeouts};
+use boshmux::bosh::{
+    Body, BoshClient, BoshConfig, BoshError, BoshEvent, BoshSession, SessionParams, Timeouts,
+};
+use boshmux::store::{Store, Write};
 use boshmux::xmpp::{Element, Jid, ns};
 
 /// Which XMPP server a [`Server`] is.
@@ -162,11 +165,14 @@ impl Server {
     /// Another account of the test server, logged in directly over BOSH as `resource` and online.
     pub async fn contact(&self, user: &str, resource: &str) -> boshmux::bosh::BoshSession {
         let (jid, pw) = self.user(user);
-        let mut s = boshmux::bosh::BoshClient::new(self.bosh_config())
-            .unwrap()
-            .login(&jid, &pw, Some(resource))
-            .await
-            .unwrap();
+        let mut s = login(
+            &boshmux::bosh::BoshClient::new(self.bosh_config()).unwrap(),
+            &jid,
+            &pw,
+            Some(resource),
+        )
+        .await
+        .unwrap();
         go_online(&mut s, Duration::from_secs(15)).await;
         s
     }
@@ -246,14 +252,78 @@ pub async fn next_event(
         .expect("event stream ended without Ended")
 }
 
-/// The next stanza, skipping retry notices; fails on the end of the session.
+/// A session logged in directly (no daemon) with nothing kept to resume from, its events as
+/// [`one_by_one`] makes them.
+pub async fn login(
+    client: &BoshClient,
+    jid: &Jid,
+    password: &str,
+    resource: Option<&str>,
+) -> Result<BoshSession, BoshError> {
+    let s = client
+        .login(jid, password, resource, &Store::none())
+        .await?;
+    Ok(one_by_one(s))
+}
+
+/// `s` with its events passed through an owner that takes every response in as it comes: it
+/// splits each [`BoshEvent::Response`] into one event per stanza (empty ones dropped), for
+/// [`next_stanza`], and then writes the `HandedOn` mark to the session's store and confirms it
+/// (SPEC §8). The owner stops when the returned session's events are dropped.
+pub fn one_by_one(mut s: BoshSession) -> BoshSession {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let mut source = std::mem::replace(&mut s.events, rx);
+    let handle = s.handle.clone();
+    let store = s.store.clone();
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                e = source.recv() => e,
+                () = tx.closed() => return,
+            };
+            match event {
+                None => return,
+                Some(BoshEvent::Response { rid, stanzas }) => {
+                    for stanza in stanzas {
+                        let one = BoshEvent::Response {
+                            rid,
+                            stanzas: vec![stanza],
+                        };
+                        if tx.send(one).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = store.write(Write::HandedOn { rid, caches: None }).await;
+                    handle.handed_on(rid);
+                }
+                Some(other) => {
+                    if tx.send(other).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    s
+}
+
+/// The next stanza, skipping retry notices; fails on the end of the session. The events must
+/// come one stanza per event ([`one_by_one`]).
 pub async fn next_stanza(
     events: &mut tokio::sync::mpsc::Receiver<BoshEvent>,
     limit: Duration,
 ) -> Element {
     loop {
         match next_event(events, limit).await {
-            BoshEvent::Stanza(s) => return s,
+            BoshEvent::Response { mut stanzas, .. } => {
+                assert!(
+                    stanzas.len() <= 1,
+                    "events not split: see support::one_by_one"
+                );
+                if let Some(s) = stanzas.pop() {
+                    return s;
+                }
+            }
             BoshEvent::Ended(e) => panic!("session ended while waiting for a stanza: {e:?}"),
             _ => {}
         }
