@@ -49,7 +49,57 @@ impl State {
     }
 }
 
-/// Applies `write` to `record`: the rules every backend follows.
+/// What one [`Write`] does to a record, decided from the record's `handed_on` alone: the rules
+/// every backend follows. A backend carries the steps out in this order: `clear_requests`,
+/// `drop_through`, `handed_on`, `insert`, `meta`, `caches`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Change {
+    /// Every write-ahead record goes (a new upstream session).
+    pub(super) clear_requests: bool,
+    /// Records with a rid at or below this one go.
+    pub(super) drop_through: Option<u64>,
+    /// The new `handed_on`.
+    pub(super) handed_on: Option<u64>,
+    /// A write-ahead record to store (replacing one with the same rid).
+    pub(super) insert: Option<(u64, Bytes)>,
+    /// The new meta.
+    pub(super) meta: Option<Bytes>,
+    /// The new caches.
+    pub(super) caches: Option<Bytes>,
+}
+
+/// The [`Change`] `write` makes to a record whose mark is `handed_on`.
+pub(super) fn change(handed_on: u64, write: Write) -> Change {
+    match write {
+        // A record at or below the mark was answered already: nothing to keep.
+        Write::Request { rid, bytes } => Change {
+            insert: (rid > handed_on).then_some((rid, bytes)),
+            ..Change::default()
+        },
+        // The mark never goes back (responses are handed on in rid order).
+        Write::HandedOn { rid, caches } => {
+            let mark = handed_on.max(rid);
+            Change {
+                drop_through: Some(mark),
+                handed_on: Some(mark),
+                caches,
+                ..Change::default()
+            }
+        }
+        Write::Caches(c) => Change {
+            caches: Some(c),
+            ..Change::default()
+        },
+        Write::Meta { meta, restart_at } => Change {
+            clear_requests: restart_at.is_some(),
+            handed_on: restart_at,
+            meta: Some(meta),
+            ..Change::default()
+        },
+    }
+}
+
+/// Applies `write` to a record held in memory, by the rules of [`change`].
 pub(super) fn apply(
     handed_on: &mut u64,
     requests: &mut BTreeMap<u64, Bytes>,
@@ -57,31 +107,27 @@ pub(super) fn apply(
     caches: &mut Bytes,
     write: Write,
 ) {
-    match write {
-        Write::Request { rid, bytes } => {
-            if rid > *handed_on {
-                requests.insert(rid, bytes);
-            }
-        }
-        Write::HandedOn { rid, caches: c } => {
-            *handed_on = (*handed_on).max(rid);
-            let keep = requests.split_off(&(*handed_on + 1));
-            *requests = keep;
-            if let Some(c) = c {
-                *caches = c;
-            }
-        }
-        Write::Caches(c) => *caches = c,
-        Write::Meta {
-            meta: m,
-            restart_at,
-        } => {
-            *meta = m;
-            if let Some(at) = restart_at {
-                requests.clear();
-                *handed_on = at;
-            }
-        }
+    let c = change(*handed_on, write);
+    if c.clear_requests {
+        requests.clear();
+    }
+    if let Some(through) = c.drop_through {
+        *requests = match through.checked_add(1) {
+            Some(above) => requests.split_off(&above),
+            None => BTreeMap::new(),
+        };
+    }
+    if let Some(h) = c.handed_on {
+        *handed_on = h;
+    }
+    if let Some((rid, bytes)) = c.insert {
+        requests.insert(rid, bytes);
+    }
+    if let Some(m) = c.meta {
+        *meta = m;
+    }
+    if let Some(c) = c.caches {
+        *caches = c;
     }
 }
 

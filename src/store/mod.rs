@@ -20,6 +20,7 @@
 //!
 //! The store never holds a password, a token or a ticket in clear.
 
+pub mod embedded;
 pub mod memory;
 
 use std::future::Future;
@@ -212,6 +213,38 @@ impl Store {
         Store {
             backend: Arc::new(backend),
         }
+    }
+
+    /// Opens the store at `location` (the `store` setting, SPEC §8): a `redis://` or `rediss://`
+    /// URL is the cluster store of SPEC §12, not built yet; anything else is a directory, the
+    /// embedded store ([`embedded::EmbeddedStore::open`]: created if missing, locked against a
+    /// second process). Blocking file I/O: call it at start, before serving.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] naming `location`: a Redis URL, or a directory that cannot be
+    /// created, opened or locked, or that holds a store of an unknown schema version.
+    pub fn open(location: &str) -> Result<Store, StoreError> {
+        let scheme = location
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase());
+        if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
+            // A Redis URL may carry a password: never in an error.
+            let location = match url::Url::parse(location) {
+                Ok(mut u) => {
+                    let _ = u.set_password(None);
+                    u.to_string()
+                }
+                Err(_) => "redis://…".to_owned(),
+            };
+            return Err(StoreError::Open {
+                location,
+                message: "the Redis store is not built yet; use a directory (the embedded store)"
+                    .into(),
+            });
+        }
+        Ok(Store::new(embedded::EmbeddedStore::open(
+            std::path::Path::new(location),
+        )?))
     }
 
     /// The store of a daemon without `store`: keeps nothing, refuses nothing.
