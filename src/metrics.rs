@@ -131,7 +131,7 @@ impl Metrics {
             "Pages (WebSockets) attached.",
             pages,
         );
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "boshmux_upstream_requests_total",
                 "New upstream BOSH requests.",

@@ -145,7 +145,7 @@ impl Write for Captured {
 fn only_stanzas_so_far(s: &mut BoshSession) {
     while let Ok(event) = s.events.try_recv() {
         assert!(
-            matches!(event, BoshEvent::Stanza(_)),
+            matches!(event, BoshEvent::Response { .. }),
             "unexpected event while cut: {event:?}"
         );
     }
@@ -159,8 +159,12 @@ async fn next_message_no_failure(s: &mut BoshSession) -> Element {
             .expect("timed out waiting for a message")
             .expect("event stream ended");
         match event {
-            BoshEvent::Stanza(st) if st.is("message", ns::CLIENT) => return st,
-            BoshEvent::Stanza(_) => {}
+            BoshEvent::Response { stanzas, .. } => {
+                // support::login hands stanzas on one per event.
+                if let Some(st) = stanzas.into_iter().find(|st| st.is("message", ns::CLIENT)) {
+                    return st;
+                }
+            }
             other => panic!("unexpected event while waiting for a message: {other:?}"),
         }
     }
@@ -183,7 +187,7 @@ async fn a_proxy_cutting_held_requests_costs_no_relogin_and_teaches_a_shorter_wa
     cfg.metrics = metrics.clone();
     let client = BoshClient::new(cfg).unwrap();
     let (jid, pw) = p.user("g33a");
-    let mut s = client.login(&jid, &pw, Some("cut")).await.unwrap();
+    let mut s = support::login(&client, &jid, &pw, Some("cut")).await.unwrap();
     assert_eq!(s.params.wait, 10);
     go_online(&mut s, LIMIT).await;
     let contact = p.contact("g33b", "contact").await;
@@ -240,7 +244,7 @@ async fn a_proxy_cutting_held_requests_costs_no_relogin_and_teaches_a_shorter_wa
 
     // A new session of the same client asks for it, the server grants it, and the proxy no
     // longer cuts: three held requests come back on their own.
-    let s2 = client.login(&jid, &pw, Some("cut-2")).await.unwrap();
+    let s2 = support::login(&client, &jid, &pw, Some("cut-2")).await.unwrap();
     assert_eq!(s2.params.wait, next_wait);
     let cuts = proxy.cuts();
     let start = s2.handle.stats().await.unwrap().requests;

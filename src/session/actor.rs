@@ -491,8 +491,8 @@ impl Actor {
                         Ok(Err(ReloginFailure::LoggedOut)) => {
                             // Like a logout (SPEC §7): 4001, tokens revoked; upstream is gone.
                             tracing::info!(user = %self.bare, "the web app says the user is logged out; session ended");
-                            self.deps.revoke(&self.bare);
-                            return End(CLOSE_REVOKED, "session revoked");
+                            self.deps.tokens.revoke(&self.bare);
+                            return (End::over(CLOSE_REVOKED, "session revoked"), session);
                         }
                         Ok(Err(e)) => {
                             tracing::info!(user = %self.bare, error = %e, "re-login failed");

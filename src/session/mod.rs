@@ -104,9 +104,10 @@ impl From<&crate::bosh::BoshError> for LoginFailure {
         match e {
             B::AuthFailed { condition } => LoginFailure::AuthFailed(condition.clone()),
             B::LoginTimeout(limit) => LoginFailure::Timeout(*limit),
-            B::RetriesExhausted { .. } | B::Setup(_) | B::Closed => {
+            B::RetriesExhausted { .. } | B::Setup(_) | B::Closed | B::Fenced => {
                 LoginFailure::Unreachable(e.to_string())
             }
+            B::BadRecord(_) => LoginFailure::Damaged,
             B::Terminated { .. }
             | B::HttpStatus(..)
             | B::Sasl(_)
