@@ -11,8 +11,8 @@ use crate::config::{Config, ConfigError};
 use crate::http::{self, AppState};
 use crate::session::Registry;
 use crate::session::deps::Settings;
-use crate::store::{Store, StoreError};
 use crate::session::relogin::ReloginClient;
+use crate::store::{Store, StoreError};
 
 /// Longest a stop waits for pages to close and for upstream sessions to end, each.
 const STOP_LIMIT: Duration = Duration::from_secs(10);

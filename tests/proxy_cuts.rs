@@ -187,7 +187,9 @@ async fn a_proxy_cutting_held_requests_costs_no_relogin_and_teaches_a_shorter_wa
     cfg.metrics = metrics.clone();
     let client = BoshClient::new(cfg).unwrap();
     let (jid, pw) = p.user("g33a");
-    let mut s = support::login(&client, &jid, &pw, Some("cut")).await.unwrap();
+    let mut s = support::login(&client, &jid, &pw, Some("cut"))
+        .await
+        .unwrap();
     assert_eq!(s.params.wait, 10);
     go_online(&mut s, LIMIT).await;
     let contact = p.contact("g33b", "contact").await;
@@ -244,7 +246,9 @@ async fn a_proxy_cutting_held_requests_costs_no_relogin_and_teaches_a_shorter_wa
 
     // A new session of the same client asks for it, the server grants it, and the proxy no
     // longer cuts: three held requests come back on their own.
-    let s2 = support::login(&client, &jid, &pw, Some("cut-2")).await.unwrap();
+    let s2 = support::login(&client, &jid, &pw, Some("cut-2"))
+        .await
+        .unwrap();
     assert_eq!(s2.params.wait, next_wait);
     let cuts = proxy.cuts();
     let start = s2.handle.stats().await.unwrap().requests;

@@ -369,7 +369,18 @@ impl Actor {
                             self.grace_until = None;
                             let effects = mux.page_bound(page);
                             let _ = reply.send(Ok(mux.jid().clone()));
-                            self.caches_changed();
+                            if effects.is_empty() {
+                                self.caches_changed();
+                            } else if live {
+                                // The grace buffer goes to this page: the store forgets it first,
+                                // so that a crash from here on never shows it twice.
+                                self.dirty = false;
+                                self.caches_at = None;
+                                let caches = Self::caches(mux, Vec::new());
+                                if self.record(&session, Write::Caches(caches)).await.is_err() {
+                                    return (moved, session);
+                                }
+                            }
                             self.apply(effects, mux, &session, live);
                         }
                         Command::FromPage { page, stanza } => {

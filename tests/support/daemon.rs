@@ -102,7 +102,10 @@ impl Daemon {
             domain: domain.to_owned(),
             stop: None,
             task: None,
-            http: reqwest::Client::new(),
+            // Installs the TLS crypto provider, which nothing in this process may have done yet.
+            http: boshmux::bosh::transport::http_client_builder()
+                .build()
+                .unwrap(),
         }
     }
 
