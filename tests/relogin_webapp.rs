@@ -3,7 +3,7 @@
 //! for the web app at `relogin_url`: it checks the bearer key, records each call, and answers a
 //! password, an attach of a session it established itself, or 404 (logged out).
 //!
-//! Against Prosody and ejabberd (groups g33, g34, g35), plus the fake connection manager for the
+//! Against Prosody and ejabberd (groups g33 to g36), plus the fake connection manager for the
 //! case without `relogin_url`.
 
 mod support;
@@ -288,4 +288,59 @@ async fn without_relogin_url_an_attached_session_lost_upstream_is_4004() {
     let mut again = Page::open(&d, &[]).await.expect("upgrade");
     assert!(again.login_plain("u0", &token).await.is_err());
     d.stop().await;
+}
+
+both!(a_stored_session_found_dead_at_takeover_logs_in_again_through_the_web_app);
+/// SPEC §8: a session that died upstream while no process drove it is logged in again through
+/// `relogin_url` when that is set (the password never reached the store), and the token from
+/// before the restart still leads to it.
+async fn a_stored_session_found_dead_at_takeover_logs_in_again_through_the_web_app(p: Server) {
+    let (jid, pw) = p.user("g36a");
+    let full = format!("{jid}/boshmux");
+    let web = WebApp::start(Answer::Password(pw.clone())).await;
+    let store = boshmux::store::Store::memory();
+    let url = web.url.clone();
+    let tune = move |c: &mut boshmux::config::Config| c.relogin_url = Some(url.clone());
+    let first = Daemon::start_with_store(&p.bosh, &p.domain, &store, tune.clone()).await;
+    let h = first.handoff("g36a", &pw).await;
+    let mut page = first.page("g36a", &h.token).await;
+    first.stop().await;
+    assert_eq!(page.closed().await.code, 1012);
+    p.kill_session(&full);
+    support::eventually("the session to end upstream", LIMIT, || async {
+        p.sessions_of(&jid).is_empty().then_some(())
+    })
+    .await;
+
+    let second = Daemon::start_with_store(&p.bosh, &p.domain, &store, tune).await;
+    support::eventually(
+        "the web app to be asked and the login to finish",
+        LIMIT,
+        || async {
+            let info = second.info("g36a@localhost").await;
+            (info["relogins"] == 1 && info["upstream"] == "live").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(web.calls(), ["g36a@localhost"]);
+    assert_eq!(p.sessions_of(&jid), std::slice::from_ref(&full));
+    let mut page = second.page("g36a", &h.token).await; // the token from before the restart
+    page.send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g36b", "b").await;
+    loop {
+        let s = next_stanza(&mut b.events, LIMIT).await;
+        if s.is("presence", ns::CLIENT) && s.attr("type").is_none() && s.attr("from") == Some(&full)
+        {
+            break;
+        }
+    }
+    b.handle
+        .send(chat(&jid.to_string(), "after the takeover"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&page.next_message().await).as_deref(),
+        Some("after the takeover")
+    );
+    second.stop().await;
 }
