@@ -45,15 +45,6 @@ const LOCK_FILE: &str = "lock";
 /// At most this many calls in one transaction, so that the first caller of a long queue is not
 /// kept waiting behind all of it.
 const MAX_BATCH: usize = 1024;
-/// How often the checkpointer copies the log into the database (syncing both) when something
-/// was committed: about the most a power loss can cost, and what keeps the log short at full
-/// speed (a second of writes can be tens of MiB of log).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// The log's size once it restarts after a checkpoint, in bytes: a burst's log does not stay.
-const LOG_SIZE_LIMIT: i64 = 4 << 20;
-/// The writer's own checkpoint threshold, in 4 KiB pages: a backstop should the checkpointer
-/// fall behind (SQLite's default, 1000, would make the writer fsync every few hundred commits).
-const WRITER_CHECKPOINT_PAGES: i64 = 4096;
 /// How often expired credentials are deleted (they are never loaded once expired).
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
@@ -94,8 +85,6 @@ pub struct EmbeddedStore {
     /// `None` only while dropping.
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
-    /// Told to stop by dropping this sender.
-    checkpoints: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     /// Transactions committed so far (group commit makes it lower than the calls).
     commits: Arc<AtomicU64>,
 }
@@ -200,10 +189,6 @@ impl EmbeddedStore {
         drop(file);
 
         let conn = prepare(&path).map_err(|e| fail(e))?;
-        // Its own connection, so that the fsyncs of checkpoints never hold the writer up.
-        let checkpointer = Connection::open(&path)
-            .and_then(|c| c.pragma_update(None, "synchronous", "NORMAL").map(|()| c))
-            .map_err(|e| fail(format!("cannot open the checkpointer's connection: {e}")))?;
         let (jobs, queue) = mpsc::channel();
         let commits = Arc::new(AtomicU64::new(0));
         let counted = commits.clone();
@@ -211,17 +196,10 @@ impl EmbeddedStore {
             .name("boshmux-store".into())
             .spawn(move || writer(conn, lock, &queue, &counted))
             .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
-        let (stop, stopped) = mpsc::channel();
-        let counted = commits.clone();
-        let checkpoints = std::thread::Builder::new()
-            .name("boshmux-store-checkpoint".into())
-            .spawn(move || checkpoint(&checkpointer, &stopped, &counted))
-            .map_err(|e| fail(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(EmbeddedStore {
             dir: dir.to_owned(),
             jobs: Some(jobs),
             writer: Some(writer),
-            checkpoints: Some((stop, checkpoints)),
             commits,
         })
     }
@@ -264,12 +242,6 @@ impl Drop for EmbeddedStore {
     fn drop(&mut self) {
         // Closing the channel ends the writer once the queue is drained; joining makes the lock's
         // release (and a reopen in this process) follow the drop, not race it.
-        // The checkpointer's connection closes first, so that the writer's, the last, checkpoints
-        // the whole log and removes it.
-        if let Some((stop, thread)) = self.checkpoints.take() {
-            drop(stop);
-            let _ = thread.join();
-        }
         self.jobs = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -319,10 +291,6 @@ fn prepare(path: &Path) -> Result<Connection, String> {
     }
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(|e| e.to_string())?;
-    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
-        .map_err(|e| e.to_string())?;
-    conn.pragma_update(None, "journal_size_limit", LOG_SIZE_LIMIT)
-        .map_err(|e| e.to_string())?;
     if version == 0 {
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -337,23 +305,6 @@ fn prepare(path: &Path) -> Result<Connection, String> {
 fn purge(db: &Connection) -> rusqlite::Result<usize> {
     db.prepare_cached("DELETE FROM credentials WHERE expires_at <= ?1")?
         .execute([int(unix_now())?])
-}
-
-/// The checkpoint thread: every [`CHECKPOINT_EVERY`] that saw a commit, copies the log into the
-/// database without waiting for anyone (SQLite's passive checkpoint, which syncs the log and
-/// then the database), until the store is dropped.
-fn checkpoint(db: &Connection, stop: &mpsc::Receiver<()>, commits: &AtomicU64) {
-    let mut done = commits.load(Ordering::Relaxed);
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        let now = commits.load(Ordering::Relaxed);
-        if now == done {
-            continue;
-        }
-        done = now;
-        if let Err(e) = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!("store: checkpoint failed: {e}");
-        }
-    }
 }
 
 /// The writer thread: batches of calls, one transaction each, until the store is dropped.
