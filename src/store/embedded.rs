@@ -188,7 +188,7 @@ impl EmbeddedStore {
             .map_err(|e| fail(format!("cannot restrict {DB_FILE} to its owner: {e}")))?;
         drop(file);
 
-        let conn = prepare(&path).map_err(|e| fail(e))?;
+        let conn = prepare(&path).map_err(fail)?;
         let (jobs, queue) = mpsc::channel();
         let commits = Arc::new(AtomicU64::new(0));
         let counted = commits.clone();
