@@ -60,14 +60,14 @@ async fn a_kill_9_costs_no_login_no_offline_flap_and_no_message(p: Server) {
     p2.send(&Element::new("presence", ns::CLIENT)).await;
     let mut b = p.contact("g65b", "b").await;
     sees_available(&mut b, &a_full).await;
-    assert_eq!(p.sessions_of(&a), [a_full.clone()]);
+    assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full));
 
     d.kill9().await;
     drain(p1).await;
     drain(p2).await;
     assert_eq!(
         p.sessions_of(&a),
-        [a_full.clone()],
+        std::slice::from_ref(&a_full),
         "alive upstream while down"
     );
     b.handle
@@ -107,7 +107,7 @@ async fn a_kill_9_costs_no_login_no_offline_flap_and_no_message(p: Server) {
     }
     assert_eq!(
         p.sessions_of(&a),
-        [a_full.clone()],
+        std::slice::from_ref(&a_full),
         "the same single session"
     );
     assert_eq!(
@@ -194,7 +194,7 @@ async fn a_kill_9_just_after_a_page_message_sends_it_at_most_once_and_never_echo
             .unwrap();
         seen.extend(messages_until(&mut page, &format!("reply {i}")).await);
         assert!(
-            !seen.iter().any(|s| *s == text),
+            !seen.contains(&text),
             "the page got its own message back: {seen:?}"
         );
     }
