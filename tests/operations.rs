@@ -176,3 +176,50 @@ async fn a_login_in_progress_neither_delays_a_stop_nor_keeps_other_sessions_out_
         "alice kept, bob never logged in"
     );
 }
+
+#[tokio::test]
+async fn a_damaged_stored_session_is_dropped_at_start_and_the_others_are_taken_over() {
+    let f = fake().await;
+    let store = boshmux::store::Store::memory();
+    let d = Daemon::start_with_store(&f.url(), "example.test", &store, |_| {}).await;
+    let h = d.handoff("alice", PASSWORD).await;
+    d.stop().await;
+    // A record whose description of the session cannot be read.
+    store
+        .create(
+            "bob@example.test",
+            bytes::Bytes::from_static(b"not json"),
+            0,
+        )
+        .await
+        .unwrap();
+
+    let d = Daemon::start_with_store(&f.url(), "example.test", &store, |_| {}).await;
+    support::eventually(
+        "the damaged record to be dropped",
+        Duration::from_secs(5),
+        || async {
+            let stored: Vec<String> = store
+                .load()
+                .await
+                .unwrap()
+                .sessions
+                .into_iter()
+                .map(|r| r.bare)
+                .collect();
+            (stored == ["alice@example.test"]).then_some(())
+        },
+    )
+    .await;
+    let (status, _) = d
+        .api(
+            reqwest::Method::GET,
+            "/api/v1/sessions/bob@example.test",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let page = d.page("alice", &h.token).await;
+    assert_eq!(page.jid, "alice@example.test/boshmux");
+    d.stop().await;
+}

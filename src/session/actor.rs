@@ -198,10 +198,14 @@ impl Actor {
             }
             return self.fail(LoginFailure::Damaged);
         };
-        let session = match self.deps.client.resume(&record, store) {
+        let session = match self.deps.client.resume(&record, store.clone()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(user = %self.bare, error = %e, "stored session not resumed");
+                // A record that cannot be resumed now never will be: it goes, with its tokens.
+                tracing::warn!(user = %self.bare, error = %e, "stored session not resumed; dropped");
+                if let Err(e) = store.remove().await {
+                    tracing::warn!(user = %self.bare, error = %e, "unresumable record not removed");
+                }
                 return self.fail(LoginFailure::from(&e));
             }
         };
