@@ -296,7 +296,7 @@ impl RedisStore {
     ///
     /// # Errors
     /// [`StoreError::Open`] naming the URL without its password: the URL is not one redis-rs
-    /// reads (or `rediss://`, for which this build has no TLS).
+    /// reads.
     pub fn open(url: &str) -> Result<RedisStore, StoreError> {
         RedisStore::with_prefix(url, DEFAULT_PREFIX)
     }
@@ -317,6 +317,9 @@ impl RedisStore {
                 "key prefix {prefix:?} holds a glob character"
             )));
         }
+        // `rediss://` builds its TLS configuration with the process's rustls provider (ring, as
+        // for the upstream HTTPS client).
+        crate::bosh::transport::install_crypto_provider();
         let client = Client::open(url).map_err(|e| fail(e.to_string()))?;
         Ok(RedisStore {
             client,
@@ -895,6 +898,20 @@ mod tests {
         ));
         assert!(matches!(
             store.load().await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_rediss_url_opens_and_its_tls_needs_no_other_setup() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = Store::open(&format!("rediss://localhost:{port}/0")).unwrap();
+        assert!(matches!(
+            store.create("a@x", b("m"), 0).await,
             Err(StoreError::Unavailable(_))
         ));
     }
