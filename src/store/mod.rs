@@ -218,7 +218,7 @@ impl Store {
 
     /// Opens the store at `location` (the `store` setting, SPEC §8): a `redis://` or `rediss://`
     /// URL is the Redis store ([`redis::RedisStore::open`]: the URL is parsed here, the
-    /// connection made by the first call, so a daemon starts while Redis is down); anything else
+    /// connection made by the first call); anything else
     /// is a directory, the embedded store ([`embedded::EmbeddedStore::open`]: created if missing,
     /// locked against a second process). Blocking file I/O: call it at start, before serving.
     ///

@@ -16,10 +16,11 @@
 //!   them in O(their number), where a `SCAN` of every credential would cost O(all users') on
 //!   every logout. Members whose key expired are pruned when `bare` gets a new credential.
 //!
-//! Connection: [`RedisStore::open`] only parses the URL (it is called before the runtime serves,
-//! and a daemon must start while Redis is down: running sessions do not need it). The
-//! connection (redis-rs's `ConnectionManager`, which reconnects after a loss) is made on the
-//! first call. A call that cannot reach Redis within [`RESPONSE_TIMEOUT`] fails with
+//! Connection: [`RedisStore::open`] only parses the URL (`Store::open` is synchronous and may
+//! run outside the runtime); the connection (redis-rs's `ConnectionManager`, which reconnects
+//! after a loss) is made by the first call, the daemon's `load()` at start — a daemon that cannot
+//! read the store at start stops there, since it could not take its sessions over. Later, a lost
+//! Redis costs running sessions only the durability of their writes (SPEC §12). A call that cannot reach Redis within [`RESPONSE_TIMEOUT`] fails with
 //! [`StoreError::Unavailable`]; the next call tries again.
 //!
 //! Not yet cluster-safe (Redis Cluster): `remove` and the credential scripts touch keys they
