@@ -875,13 +875,68 @@ mod tests {
             .unwrap();
         let first = s.request(2, b("r2")).await;
         assert!(
-            matches!(first, Err(StoreError::Unavailable(_)) | Ok(())),
+            matches!(first, Err(StoreError::Unavailable(_))),
             "{first:?}"
         );
         until_ok(|| s.request(3, b("r3"))).await;
         let r = &store.load().await.unwrap().sessions[0];
         let rids: Vec<u64> = r.requests.iter().map(|(rid, _)| *rid).collect();
         assert!(rids.starts_with(&[1]) && rids.ends_with(&[3]), "{rids:?}");
+    }
+
+    /// A Redis of this test's own (the binary scripts/redis.sh installed), with its append-only
+    /// file in `dir`, on `port`.
+    fn own_redis(dir: &std::path::Path, port: u16) -> tokio::process::Child {
+        tokio::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server runs (scripts/redis.sh installs it)")
+    }
+
+    #[tokio::test]
+    async fn a_restarted_redis_is_unavailable_meanwhile_then_writes_work_again() {
+        url(); // run only where the test Redis (and so redis-server) is
+        let dir = std::env::temp_dir().join(format!("boshmux-redis-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = own_redis(&dir, port);
+        let store = Store::open(&format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let s = until_ok(|| store.create("a@x", b("m"), 0)).await;
+        s.request(1, b("r1")).await.unwrap();
+
+        server.kill().await.unwrap();
+        assert!(matches!(
+            s.request(2, b("r2")).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            s.request(2, b("r2")).await,
+            Err(StoreError::Unavailable(_))
+        ));
+
+        let mut server = own_redis(&dir, port);
+        until_ok(|| s.request(3, b("r3"))).await;
+        let r = &store.load().await.unwrap().sessions[0];
+        assert_eq!(r.epoch, s.epoch(), "the epoch survived the restart");
+        assert_eq!(r.requests, vec![(1, b("r1")), (3, b("r3"))]);
+        server.kill().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
