@@ -1,7 +1,9 @@
 //! The session store's cost on the path of every upstream request (SPEC §8): one write-ahead
 //! record of a ~600-byte body and one `HandedOn` mark, by one writer and by 100 at once, for the
-//! embedded store against the in-memory and the null store; and reading 1000 sessions back at
-//! start. Run with `cargo bench --bench store`; results go to BENCHMARKS.md ("Store").
+//! embedded store against the in-memory and the null store, and the Redis store when
+//! `BOSHMUX_TEST_REDIS_URL` names one (scripts/redis.sh; database 3 is emptied and used); and
+//! reading 1000 sessions back at start. Run with `cargo bench --bench store`; results go to
+//! BENCHMARKS.md ("Store").
 //!
 //! Besides criterion's mean time per request+mark, the run ends with a table of per-write
 //! latency percentiles and writes/s, measured by this file (criterion reports means only).
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use boshmux::store::embedded::EmbeddedStore;
+use boshmux::store::redis::RedisStore;
 use boshmux::store::{
     Backend, Credential, CredentialKind, SessionStore, Snapshot, Store, StoreFuture, Write,
 };
@@ -95,17 +98,39 @@ impl Writer {
     }
 }
 
-/// The three stores, each with `WRITERS` sessions.
+/// The bench's Redis database (3 of the test Redis), emptied, when `BOSHMUX_TEST_REDIS_URL` is
+/// set.
+fn redis_url(rt: &Runtime) -> Option<String> {
+    let url = std::env::var("BOSHMUX_TEST_REDIS_URL").ok()?;
+    let url = format!(
+        "{}/3",
+        url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b)
+    );
+    rt.block_on(async {
+        let mut c = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await.unwrap();
+    });
+    Some(url)
+}
+
+/// The stores (Redis when `redis` is given), each with `WRITERS` sessions.
 fn stores(
     rt: &Runtime,
     embedded: &Arc<EmbeddedStore>,
+    redis: Option<&str>,
 ) -> Vec<(&'static str, Store, Arc<Vec<Writer>>)> {
+    let redis = redis.map(|url| ("redis", Store::new(RedisStore::open(url).unwrap())));
     [
         ("embedded", Store::new(Shared(embedded.clone()))),
         ("memory", Store::memory()),
         ("none", Store::none()),
     ]
     .into_iter()
+    .chain(redis)
     .map(|(name, store)| {
         let writers = rt.block_on(async {
             let mut writers = Vec::new();
@@ -209,6 +234,38 @@ fn load(c: &mut Criterion, rt: &Runtime, dir: &Path) -> Vec<(String, u64)> {
     sizes
 }
 
+/// `load()` of 1000 sessions like [`load`]'s from Redis (keys under their own prefix).
+fn load_redis(c: &mut Criterion, rt: &Runtime, url: &str) {
+    let store = Store::new(RedisStore::with_prefix(url, "boshmux-load:").unwrap());
+    rt.block_on(async {
+        for i in 0..1000 {
+            let s = store
+                .create(
+                    &format!("user{i}@example.com"),
+                    Bytes::from(vec![b'm'; 200]),
+                    0,
+                )
+                .await
+                .unwrap();
+            s.write(Write::Caches(Bytes::from(vec![b'c'; 4096])))
+                .await
+                .unwrap();
+            s.request(1, request_body(1)).await.unwrap();
+            s.request(2, request_body(2)).await.unwrap();
+        }
+    });
+    let mut group = c.benchmark_group("store_load_1000_sessions");
+    group.sample_size(20);
+    group.bench_function("redis", |b| {
+        b.iter(|| {
+            let snap = rt.block_on(store.load()).unwrap();
+            assert_eq!(snap.sessions.len(), 1000);
+            black_box(snap)
+        });
+    });
+    group.finish();
+}
+
 /// Bytes in the files of `dir`.
 fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -272,9 +329,16 @@ fn main() {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-store-{}", std::process::id()));
     let mut c = Criterion::default().configure_from_args();
     let embedded = Arc::new(EmbeddedStore::open(&dir.join("writes")).unwrap());
-    let stores = stores(&rt, &embedded);
+    let redis = redis_url(&rt);
+    if redis.is_none() {
+        eprintln!("BOSHMUX_TEST_REDIS_URL is not set: the Redis store is left out");
+    }
+    let stores = stores(&rt, &embedded, redis.as_deref());
     writes(&mut c, &rt, &stores);
     let sizes = load(&mut c, &rt, &dir);
+    if let Some(url) = &redis {
+        load_redis(&mut c, &rt, url);
+    }
     c.final_summary();
     // Only in a real run (`cargo bench`), not when `cargo test --benches` checks the bench.
     if std::env::args().any(|a| a == "--bench") {
@@ -286,4 +350,6 @@ fn main() {
     }
     drop((stores, embedded));
     let _ = std::fs::remove_dir_all(&dir);
+    // Empties database 3 again.
+    drop(redis.map(|_| redis_url(&rt)));
 }

@@ -810,19 +810,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_redis_url_is_refused_without_its_password() {
-        let err = Store::open("redis://:hunter2@cache:6379/0").unwrap_err();
-        let StoreError::Open { location, message } = &err else {
-            panic!("{err:?}")
-        };
-        assert!(
-            message.contains("Redis store is not built yet"),
-            "{message}"
-        );
-        assert!(!location.contains("hunter2"), "{location}");
-    }
-
     #[tokio::test]
     async fn a_fenced_write_fails_alone() {
         let dir = TempDir::new();

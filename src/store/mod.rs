@@ -1,7 +1,7 @@
 //! The session store of SPEC §8: what a session needs to outlive the process that drives it,
 //! written as it changes. One interface ([`Store`], and [`SessionStore`] scoped to one session)
 //! over interchangeable backends: [`memory`] (tests; one process), [`embedded`] (a directory; the
-//! default), and later Redis (a cluster, SPEC §12).
+//! default), and [`redis`] (one Redis node for now; the cluster of SPEC §12 follows).
 //!
 //! What a record holds, per session (keyed by canonical bare JID):
 //! - `meta`: opaque bytes the session layer writes (full JID, BOSH parameters with the sid,
@@ -22,6 +22,7 @@
 
 pub mod embedded;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -216,31 +217,21 @@ impl Store {
     }
 
     /// Opens the store at `location` (the `store` setting, SPEC §8): a `redis://` or `rediss://`
-    /// URL is the cluster store of SPEC §12, not built yet; anything else is a directory, the
-    /// embedded store ([`embedded::EmbeddedStore::open`]: created if missing, locked against a
-    /// second process). Blocking file I/O: call it at start, before serving.
+    /// URL is the Redis store ([`redis::RedisStore::open`]: the URL is parsed here, the
+    /// connection made by the first call); anything else
+    /// is a directory, the embedded store ([`embedded::EmbeddedStore::open`]: created if missing,
+    /// locked against a second process). Blocking file I/O: call it at start, before serving.
     ///
     /// # Errors
-    /// [`StoreError::Open`] naming `location`: a Redis URL, or a directory that cannot be
-    /// created, opened or locked, or that holds a store of an unknown schema version.
+    /// [`StoreError::Open`] naming `location` (a URL without its password): a Redis URL that
+    /// cannot be read, or a directory that cannot be created, opened or locked, or that holds a
+    /// store of an unknown schema version.
     pub fn open(location: &str) -> Result<Store, StoreError> {
         let scheme = location
             .split_once("://")
             .map(|(s, _)| s.to_ascii_lowercase());
         if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
-            // A Redis URL may carry a password: never in an error.
-            let location = match url::Url::parse(location) {
-                Ok(mut u) => {
-                    let _ = u.set_password(None);
-                    u.to_string()
-                }
-                Err(_) => "redis://…".to_owned(),
-            };
-            return Err(StoreError::Open {
-                location,
-                message: "the Redis store is not built yet; use a directory (the embedded store)"
-                    .into(),
-            });
+            return Ok(Store::new(redis::RedisStore::open(location)?));
         }
         Ok(Store::new(embedded::EmbeddedStore::open(
             std::path::Path::new(location),
