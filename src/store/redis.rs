@@ -873,9 +873,11 @@ mod tests {
             .query_async(&mut killer)
             .await
             .unwrap();
+        // The first write finds the connection dead (`Unavailable`), unless the client noticed
+        // the close and reconnected first: either is right, nothing else is.
         let first = s.request(2, b("r2")).await;
         assert!(
-            matches!(first, Err(StoreError::Unavailable(_))),
+            matches!(first, Ok(()) | Err(StoreError::Unavailable(_))),
             "{first:?}"
         );
         until_ok(|| s.request(3, b("r3"))).await;
