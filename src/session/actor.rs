@@ -219,8 +219,19 @@ impl Actor {
             &caches.mux,
             Instant::now(),
         );
-        for stanza in persist::stanzas(&caches.outbound) {
-            self.upstream(stanza, &session);
+        // What the stop kept goes upstream once: the record forgets it first, so that a crash
+        // from here on cannot send it again (one before it is in a request loses it, as it does
+        // a page's stanza in flight).
+        let outbound = persist::stanzas(&caches.outbound);
+        if !outbound.is_empty()
+            && self
+                .record(&session, Write::Caches(Self::caches(&mux, Vec::new())))
+                .await
+                .is_ok()
+        {
+            for stanza in outbound {
+                self.upstream(stanza, &session);
+            }
         }
         // Pages reconnect; until then this is an ordinary grace period.
         self.grace_until = Some(Instant::now() + settings.grace);
