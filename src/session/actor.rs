@@ -420,11 +420,17 @@ impl Actor {
                         }
                         Command::Suspend { done } => {
                             self.close_pages(CLOSE_RESTARTING, "daemon restarting");
-                            let mut kept = false;
-                            if live && let Ok(outbound) = session.handle.suspend().await {
-                                let caches = Self::caches(mux, outbound);
-                                kept = self.record(&session, Write::Caches(caches)).await.is_ok();
-                            }
+                            let outbound = if live {
+                                session.handle.suspend().await.unwrap_or_default()
+                            } else {
+                                Vec::new()
+                            };
+                            // Kept also while the upstream session is being logged in again (or
+                            // has just ended): the record still names it, so the next process
+                            // finds it dead and logs in again through `relogin_url`, or drops
+                            // it, as after a `kill -9` — rather than losing it with its tokens.
+                            let caches = Self::caches(mux, outbound);
+                            let kept = self.record(&session, Write::Caches(caches)).await.is_ok();
                             let _ = done.send(kept);
                             let end = End {
                                 code: CLOSE_RESTARTING,
