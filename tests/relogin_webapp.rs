@@ -3,8 +3,8 @@
 //! for the web app at `relogin_url`: it checks the bearer key, records each call, and answers a
 //! password, an attach of a session it established itself, or 404 (logged out).
 //!
-//! Against Prosody and ejabberd (groups g33 to g36), plus the fake connection manager for the
-//! case without `relogin_url`.
+//! Against Prosody and ejabberd (groups g33 to g36, and g73), plus the fake connection manager
+//! for the case without `relogin_url`.
 
 mod support;
 
