@@ -574,3 +574,50 @@ async fn pages_and_a_contact_talking_through_repeated_kills_get_nothing_twice(p:
     assert_eq!(p.sessions_of(&a), [a_full]);
     assert_eq!(d.counter("boshmux_logins_total").await, 0);
 }
+
+both!(a_kill_9_during_the_first_login_leaves_one_session_after_the_web_app_retries);
+/// The daemon dies while the web app's hand-off is still logging in (before or just after the
+/// bind); the web app retries against the next process: it gets a session, and the server ends
+/// up with exactly one session of the user, which carries messages.
+async fn a_kill_9_during_the_first_login_leaves_one_session_after_the_web_app_retries(p: Server) {
+    let (a, _) = p.user("g74c");
+    let a_full = format!("{a}/boshmux");
+    let (b_jid, _) = p.user("g74d");
+    let mut d = DaemonProcess::start(&p, &store_dir("firstlogin"), &[]).await;
+    let mut b = p.contact("g74d", "b").await;
+    for (i, delay_ms) in [2u64, 10, 25, 50, 100].into_iter().enumerate() {
+        let call = reqwest::Client::new()
+            .post(d.daemon.url("/api/v1/sessions"))
+            .bearer_auth(support::daemon::API_KEY)
+            .header("content-type", "application/json")
+            .body(serde_json::json!({"jid": a.to_string(), "password": "pw-g74c"}).to_string())
+            .send();
+        let call = tokio::spawn(call);
+        // The moment of the kill is the point of the test, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        d.kill9().await;
+        let _ = call.await; // refused or answered: the web app retries either way
+        d.restart().await;
+        let h = d.daemon.handoff("g74c", "pw-g74c").await;
+        let mut page = d.daemon.page("g74c", &h.token).await;
+        assert_eq!(page.jid, a_full);
+        page.send(&Element::new("presence", ns::CLIENT)).await;
+        page.send(&chat(&b_jid.to_string(), &format!("hi {i}")))
+            .await;
+        messages_until(&mut b, &format!("hi {i}")).await;
+        assert_eq!(
+            p.sessions_of(&a),
+            std::slice::from_ref(&a_full),
+            "kill {delay_ms} ms into the first login"
+        );
+        let (status, _) = d
+            .daemon
+            .api(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/sessions/{a}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 204);
+    }
+}
