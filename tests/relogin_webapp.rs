@@ -3,8 +3,8 @@
 //! for the web app at `relogin_url`: it checks the bearer key, records each call, and answers a
 //! password, an attach of a session it established itself, or 404 (logged out).
 //!
-//! Against Prosody and ejabberd (groups g33 to g36), plus the fake connection manager for the
-//! case without `relogin_url`.
+//! Against Prosody and ejabberd (groups g33 to g36, and g73), plus the fake connection manager
+//! for the case without `relogin_url`.
 
 mod support;
 
@@ -341,6 +341,41 @@ async fn a_stored_session_found_dead_at_takeover_logs_in_again_through_the_web_a
     assert_eq!(
         body_text(&page.next_message().await).as_deref(),
         Some("after the takeover")
+    );
+    second.stop().await;
+}
+
+both!(a_stop_while_a_session_logs_in_again_keeps_it_for_the_next_process);
+/// SPEC §8: a graceful stop keeps every session. One that is logging in again at that moment
+/// (the XMPP server dropped it an instant before, e.g. a server restart just ahead of the
+/// daemon's) must not be thrown away with its tokens: the next process finds it dead and logs
+/// it in again through the web app, as it would after a `kill -9`.
+async fn a_stop_while_a_session_logs_in_again_keeps_it_for_the_next_process(p: Server) {
+    let (jid, pw) = p.user("g73a");
+    let full = format!("{jid}/boshmux");
+    let web = WebApp::start(Answer::Password(pw.clone())).await;
+    let store = boshmux::store::Store::memory();
+    let url = web.url.clone();
+    let tune = move |c: &mut boshmux::config::Config| c.relogin_url = Some(url.clone());
+    let first = Daemon::start_with_store(&p.bosh, &p.domain, &store, tune.clone()).await;
+    let h = first.handoff("g73a", &pw).await;
+    let mut page = first.page("g73a", &h.token).await;
+    p.kill_session(&full);
+    let bare = jid.to_string();
+    support::eventually("the session to be logging in again", LIMIT, || async {
+        (first.info(&bare).await["upstream"] == "reconnecting").then_some(())
+    })
+    .await;
+    first.stop().await;
+    assert_eq!(page.closed().await.code, 1012, "told to reconnect");
+
+    let second = Daemon::start_with_store(&p.bosh, &p.domain, &store, tune).await;
+    let mut again = Page::open(&second, &[]).await.unwrap();
+    let bound = again.login_plain("g73a", &h.token).await;
+    assert_eq!(
+        bound.as_deref(),
+        Ok(full.as_str()),
+        "the page told to reconnect comes back to its session"
     );
     second.stop().await;
 }

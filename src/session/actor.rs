@@ -223,8 +223,19 @@ impl Actor {
             &caches.mux,
             Instant::now(),
         );
-        for stanza in persist::stanzas(&caches.outbound) {
-            self.upstream(stanza, &session);
+        // What the stop kept goes upstream once: the record forgets it first, so that a crash
+        // from here on cannot send it again (one before it is in a request loses it, as it does
+        // a page's stanza in flight).
+        let outbound = persist::stanzas(&caches.outbound);
+        if !outbound.is_empty()
+            && self
+                .record(&session, Write::Caches(Self::caches(&mux, Vec::new())))
+                .await
+                .is_ok()
+        {
+            for stanza in outbound {
+                self.upstream(stanza, &session);
+            }
         }
         // Pages reconnect; until then this is an ordinary grace period.
         self.grace_until = Some(Instant::now() + settings.grace);
@@ -413,11 +424,17 @@ impl Actor {
                         }
                         Command::Suspend { done } => {
                             self.close_pages(CLOSE_RESTARTING, "daemon restarting");
-                            let mut kept = false;
-                            if live && let Ok(outbound) = session.handle.suspend().await {
-                                let caches = Self::caches(mux, outbound);
-                                kept = self.record(&session, Write::Caches(caches)).await.is_ok();
-                            }
+                            let outbound = if live {
+                                session.handle.suspend().await.unwrap_or_default()
+                            } else {
+                                Vec::new()
+                            };
+                            // Kept also while the upstream session is being logged in again (or
+                            // has just ended): the record still names it, so the next process
+                            // finds it dead and logs in again through `relogin_url`, or drops
+                            // it, as after a `kill -9` — rather than losing it with its tokens.
+                            let caches = Self::caches(mux, outbound);
+                            let kept = self.record(&session, Write::Caches(caches)).await.is_ok();
                             let _ = done.send(kept);
                             let end = End {
                                 code: CLOSE_RESTARTING,

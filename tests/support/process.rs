@@ -111,6 +111,30 @@ impl DaemonProcess {
         child.wait().await.unwrap();
     }
 
+    /// `kill -TERM`: the graceful stop starts; the process is still running when this returns.
+    pub fn term(&mut self) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("running")
+            .id()
+            .expect("not reaped");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself (after [`DaemonProcess::term`]).
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::time::timeout(LIMIT, child.wait())
+            .await
+            .expect("the daemon exits in time")
+            .unwrap()
+    }
+
     /// A new process on the same address and store.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");
