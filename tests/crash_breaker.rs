@@ -10,21 +10,10 @@ use std::time::Duration;
 use boshmux::bosh::{BoshEvent, BoshSession};
 use boshmux::xmpp::{Element, ns};
 use support::daemon::Page;
-use support::process::{DaemonProcess, store_dir};
+use support::process::{DaemonProcess, message_body, sees_available, store_dir};
 use support::{Server, body_text, both, chat};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// Waits until `b` sees `a_full` available.
-async fn sees_available(b: &mut BoshSession, a_full: &str) {
-    loop {
-        let s = support::next_stanza(&mut b.events, LIMIT).await;
-        if s.is("presence", ns::CLIENT) && s.attr("from") == Some(a_full) {
-            assert_eq!(s.attr("type"), None, "{s}");
-            return;
-        }
-    }
-}
 
 /// Every frame a page of a stopped or killed daemon still gets until its socket ends.
 async fn drain(mut page: Page) {
@@ -199,12 +188,6 @@ async fn a_kill_9_during_a_graceful_stop_costs_no_login_and_nothing_twice(p: Ser
         "the page got its own messages back: {page_got:?}"
     );
     assert_eq!(p.sessions_of(&a), [a_full]);
-}
-
-/// The body of a message frame, if it is one.
-fn message_body(text: &str) -> Option<String> {
-    let el = boshmux::xmpp::parse(text.as_bytes(), &boshmux::xmpp::Limits::PAGE).ok()?;
-    el.is("message", ns::CLIENT).then(|| body_text(&el))?
 }
 
 fn muc_join(room: &str, nick: &str) -> Element {

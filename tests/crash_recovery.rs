@@ -9,21 +9,10 @@ use std::time::Duration;
 
 use boshmux::xmpp::{Element, Jid, ns};
 use support::daemon::Page;
-use support::process::{DaemonProcess, store_dir};
+use support::process::{DaemonProcess, drain_texts, message_body, sees_available, store_dir};
 use support::{Server, body_text, both, chat, eventually};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// Waits until `b` sees `a_full` available.
-async fn sees_available(b: &mut boshmux::bosh::BoshSession, a_full: &str) {
-    loop {
-        let s = support::next_stanza(&mut b.events, LIMIT).await;
-        if s.is("presence", ns::CLIENT) && s.attr("from") == Some(a_full) {
-            assert_eq!(s.attr("type"), None, "{s}");
-            return;
-        }
-    }
-}
 
 /// The bodies of the messages a page of a killed daemon still gets until its socket ends.
 async fn drain(page: Page) -> Vec<String> {
@@ -373,19 +362,4 @@ async fn a_crash_loop_under_steady_traffic_costs_no_login_and_no_message(p: Serv
             }
         }
     }
-}
-
-/// The body of a message frame, if it is one.
-fn message_body(text: &str) -> Option<String> {
-    let el = boshmux::xmpp::parse(text.as_bytes(), &boshmux::xmpp::Limits::PAGE).ok()?;
-    el.is("message", ns::CLIENT).then(|| body_text(&el))?
-}
-
-/// Every frame a page of a killed daemon still gets until its socket ends.
-async fn drain_texts(mut page: Page) -> Vec<String> {
-    let mut texts = Vec::new();
-    while let Some(Ok(text)) = page.next_text(LIMIT).await {
-        texts.push(text);
-    }
-    texts
 }

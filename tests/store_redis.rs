@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use boshmux::xmpp::{Element, ns};
-use support::process::{DaemonProcess, store_dir};
+use support::process::{DaemonProcess, sees_available, store_dir};
 use support::{body_text, chat};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -45,12 +45,7 @@ async fn a_kill_9_on_redis_costs_no_login_and_no_message() {
     let mut page = d.daemon.page("g76a", &h.token).await;
     page.send(&Element::new("presence", ns::CLIENT)).await;
     let mut b = p.contact("g76b", "b").await;
-    loop {
-        let s = support::next_stanza(&mut b.events, LIMIT).await;
-        if s.is("presence", ns::CLIENT) && s.attr("from") == Some(a_full.as_str()) {
-            break;
-        }
-    }
+    sees_available(&mut b, &a_full).await;
     assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full));
     assert!(
         !d.store().exists(),

@@ -169,3 +169,31 @@ impl Drop for DaemonProcess {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// Waits until the contact `b` sees `a_full` available (and nothing else from it first).
+pub async fn sees_available(b: &mut boshmux::bosh::BoshSession, a_full: &str) {
+    loop {
+        let s = super::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("presence", boshmux::xmpp::ns::CLIENT) && s.attr("from") == Some(a_full) {
+            assert_eq!(s.attr("type"), None, "{s}");
+            return;
+        }
+    }
+}
+
+/// Every frame a page of a stopped or killed daemon still gets until its socket ends.
+pub async fn drain_texts(mut page: super::daemon::Page) -> Vec<String> {
+    let mut texts = Vec::new();
+    while let Some(Ok(text)) = page.next_text(LIMIT).await {
+        texts.push(text);
+    }
+    texts
+}
+
+/// The body of a message frame, if it is one.
+pub fn message_body(text: &str) -> Option<String> {
+    use boshmux::xmpp::{Limits, ns, parse};
+    let el = parse(text.as_bytes(), &Limits::PAGE).ok()?;
+    el.is("message", ns::CLIENT)
+        .then(|| super::body_text(&el))?
+}
