@@ -40,6 +40,15 @@ pub struct Config {
     /// Longest a whole upstream login may take (create, SASL, bind) before it is given up; the
     /// handoff API then answers 504.
     pub login_timeout: Duration,
+    /// This node's name in a cluster (SPEC §12): shown as a session's `node`, and the part of
+    /// its member id that a restart keeps. `None`: the host name and the listen port.
+    pub node_id: Option<String>,
+    /// The base URL the other nodes of a cluster reach this one at (pages and API requests
+    /// relayed to the owner of a session). `None`: `http://` and the listen address.
+    pub advertise_url: Option<String>,
+    /// How long a cluster node's ownership of its sessions outlives its last renewal (renewed
+    /// every quarter of it); a dead node's sessions are adopted once it has passed.
+    pub lease: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -60,6 +69,9 @@ impl std::fmt::Debug for Config {
             trusted_proxies,
             relogin_url,
             login_timeout,
+            node_id,
+            advertise_url,
+            lease,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -76,6 +88,9 @@ impl std::fmt::Debug for Config {
             .field("trusted_proxies", trusted_proxies)
             .field("relogin_url", relogin_url)
             .field("login_timeout", login_timeout)
+            .field("node_id", node_id)
+            .field("advertise_url", advertise_url)
+            .field("lease", lease)
             .finish()
     }
 }
@@ -137,6 +152,9 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             relogin_url: None,
             login_timeout: Duration::from_secs(30),
+            node_id: None,
+            advertise_url: None,
+            lease: Duration::from_secs(3),
         }
     }
 }
@@ -255,6 +273,9 @@ const KEYS: &[&str] = &[
     "trusted_proxies",
     "relogin_url",
     "login_timeout",
+    "node_id",
+    "advertise_url",
+    "lease",
     "limits.pages_per_user",
     "limits.users",
     "limits.stanza_bytes",
@@ -425,6 +446,26 @@ impl Config {
         Ok((cfg, warnings))
     }
 
+    /// `node_id`, or this host's name and the listen port (SPEC §12).
+    pub fn node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", host_name(), self.listen.port()))
+    }
+
+    /// `advertise_url`, or `http://` and the listen address (the host's name when listening
+    /// on every address).
+    pub fn advertise_url(&self) -> String {
+        if let Some(url) = &self.advertise_url {
+            return url.clone();
+        }
+        if self.listen.ip().is_unspecified() {
+            format!("http://{}:{}", host_name(), self.listen.port())
+        } else {
+            format!("http://{}", self.listen)
+        }
+    }
+
     /// Checks what `serve` needs beyond well-formed values.
     pub fn require_for_serve(&self) -> Result<(), ConfigError> {
         if self.api_key.is_none() {
@@ -533,6 +574,37 @@ impl Config {
             ),
             "grace" => self.grace = duration(value).map_err(bad)?,
             "store" => self.store = Some(value.to_owned()),
+            "node_id" => {
+                if value.is_empty()
+                    || value.len() > 128
+                    || value
+                        .chars()
+                        .any(|c| c == '#' || c.is_whitespace() || c.is_control())
+                {
+                    return Err(bad(
+                        "must be 1 to 128 characters without '#', spaces or control characters"
+                            .into(),
+                    ));
+                }
+                self.node_id = Some(value.to_owned());
+            }
+            "advertise_url" => {
+                self.advertise_url = Some(
+                    http_url(value)
+                        .map_err(bad)?
+                        .trim_end_matches('/')
+                        .to_owned(),
+                );
+            }
+            "lease" => {
+                let d = duration(value).map_err(bad)?;
+                if d < Duration::from_millis(400) || d > Duration::from_secs(25) {
+                    return Err(bad(
+                        "must be between 400ms and 25s (well inside the XMPP server's inactivity window)".into(),
+                    ));
+                }
+                self.lease = d;
+            }
             "token_ttl" => self.token_ttl = duration(value).map_err(bad)?,
             "bosh_wait" => self.bosh_wait = number(value, 1, 120).map_err(bad)?,
             "resource" => {
@@ -609,6 +681,15 @@ fn scalar(source_name: &str, key: &str, v: toml::Value) -> Result<String, Config
 }
 
 /// An absolute http(s) URL, kept as given.
+/// The host's name (Linux), else `localhost`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 fn http_url(value: &str) -> Result<String, String> {
     let url = reqwest::Url::parse(value).map_err(|e| format!("{value:?}: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {

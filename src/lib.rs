@@ -16,6 +16,7 @@
 //! - [`demo`]: `boshmux demo`: the daemon, the fake as a development server, and a demo page.
 
 pub mod bosh;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod fake_cm;

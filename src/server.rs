@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::bosh::{BoshClient, BoshConfig, BoshError};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::http::{self, AppState};
 use crate::session::Registry;
@@ -73,8 +74,25 @@ pub fn build_with_store(config: Config, store: Store) -> Result<AppState, SetupE
             .transpose()
             .map_err(SetupError::Relogin)?,
     };
+    let shared = store.shared().cloned();
     let registry = Registry::new(settings, client, store);
-    Ok(AppState::new(config, registry))
+    let state = AppState::new(config, registry.clone());
+    // A shared store makes this daemon a cluster node (SPEC §12), even a cluster of one.
+    if let Some(redis) = shared {
+        let config = &state.config;
+        let cluster = Cluster::new(
+            state.node_id.clone(),
+            config.advertise_url(),
+            config.lease,
+            redis,
+            registry.clone(),
+            config.api_key.clone().unwrap_or_default(),
+            config.limits.page_queue_bytes,
+        );
+        registry.set_elsewhere(cluster.clone());
+        state.set_cluster(cluster);
+    }
+    Ok(state)
 }
 
 /// Serves on `listener` until `stop` completes, then ends every session (see `stop_sessions`
@@ -96,17 +114,29 @@ pub async fn run_app(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // Every stored session is taken over before the first request is served (SPEC §8): a page
-    // reconnecting at once finds its session, and a token issued before a crash works.
-    let snapshot = state
-        .registry
-        .store
-        .load()
-        .await
-        .map_err(std::io::Error::other)?;
-    let stored = snapshot.sessions.len();
-    let recovered = state.registry.recover(snapshot);
-    if stored > 0 {
-        tracing::info!(recovered, stored, "sessions taken over from the store");
+    // reconnecting at once finds its session, and a token issued before a crash works. In a
+    // cluster, only what this node owned and what dead nodes left (SPEC §12).
+    if let Some(cluster) = state.cluster().cloned() {
+        let adopted = cluster.join().await.map_err(std::io::Error::other)?;
+        tracing::info!(
+            node = %cluster.node_id(),
+            member = %cluster.member(),
+            adopted,
+            "joined the cluster"
+        );
+        tokio::spawn(cluster.run(state.shutdown.clone()));
+    } else {
+        let snapshot = state
+            .registry
+            .store
+            .load()
+            .await
+            .map_err(std::io::Error::other)?;
+        let stored = snapshot.sessions.len();
+        let recovered = state.registry.recover(snapshot);
+        if stored > 0 {
+            tracing::info!(recovered, stored, "sessions taken over from the store");
+        }
     }
     let st = state.clone();
     let limits = state.config.limits.clone();
@@ -153,6 +183,12 @@ async fn stop_sessions(state: &AppState) {
         tracing::info!(sessions = count, "stopped; upstream sessions terminated");
         return;
     }
+    // A cluster node hands its sessions to its peers (SPEC §12): it adopts nothing more, keeps
+    // each session's record up to date as for a restart, then ends its lease so that the
+    // peers adopt them at their next beat instead of after the lease.
+    if let Some(cluster) = state.cluster() {
+        cluster.stop_adopting();
+    }
     // Each session has the stop limit to itself: one that is still logging in (and cannot be
     // suspended) must not hold the others up.
     let suspends = sessions
@@ -163,6 +199,15 @@ async fn stop_sessions(state: &AppState) {
         .into_iter()
         .filter(|r| matches!(r, Ok(true)))
         .count();
+    if let Some(cluster) = state.cluster() {
+        cluster.leave().await;
+        tracing::info!(
+            sessions = count,
+            kept,
+            "stopped; sessions handed to the other nodes of the cluster"
+        );
+        return;
+    }
     tracing::info!(
         sessions = count,
         kept,

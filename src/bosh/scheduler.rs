@@ -660,14 +660,22 @@ impl Scheduler {
         });
     }
 
-    /// Posts a resend of `rid` after `delay` (no write-ahead record: the first one stands).
+    /// Posts a resend of `rid` after `delay` (no write-ahead record: the first one stands). The
+    /// epoch is confirmed first: a node that was paused past its lease must not resend into a
+    /// session another node has adopted meanwhile (SPEC §12); an unreachable store does not
+    /// hold the resend up.
     fn post(&mut self, rid: u64, attempt: u32, bytes: Bytes, delay: Duration) {
         let transport = self.transport.clone();
         let timeout = self.request_timeout;
         let fenced = self.fenced.clone();
+        let store = self.store.clone();
         self.tasks.spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
+            }
+            if let Err(StoreError::Fenced { current }) = store.confirm().await {
+                fenced.store(true, Ordering::SeqCst);
+                return Outcome::Fenced(current);
             }
             if fenced.load(Ordering::SeqCst) {
                 return Outcome::Fenced(None);

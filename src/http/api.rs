@@ -30,6 +30,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
             axum::routing::post(super::bosh::prebind),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::cluster::to_owner,
+        ))
         .route_layer(middleware::from_fn_with_state(state, require_api_key))
 }
 
@@ -187,8 +191,26 @@ pub(crate) async fn hand_off(
     }
 }
 
-async fn list(State(st): State<AppState>) -> Json<Vec<SessionInfo>> {
-    Json(st.registry.all().iter().map(|s| s.info()).collect())
+/// Every session: this node's, and with a cluster every node's (a request forwarded by a peer
+/// gets this node's only).
+async fn list(State(st): State<AppState>, headers: HeaderMap) -> Json<Vec<serde_json::Value>> {
+    let local: Vec<serde_json::Value> = st
+        .registry
+        .all()
+        .iter()
+        .filter_map(|s| serde_json::to_value(info_here(&st, s)).ok())
+        .collect();
+    if headers.contains_key(crate::cluster::link::FORWARDED_HEADER) {
+        return Json(local);
+    }
+    Json(super::cluster::list_everywhere(&st, local).await)
+}
+
+/// A session's info, naming this node as its owner.
+fn info_here(st: &AppState, s: &crate::session::SessionHandle) -> SessionInfo {
+    let mut info = s.info();
+    info.node = Some(st.node_id.clone());
+    info
 }
 
 fn user(st: &AppState, jid: &str) -> Result<crate::session::SessionHandle, ApiError> {
@@ -204,7 +226,7 @@ async fn show(
     State(st): State<AppState>,
     Path(jid): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    Ok(Json(user(&st, &jid)?.info()))
+    Ok(Json(info_here(&st, &user(&st, &jid)?)))
 }
 
 async fn logout(
@@ -247,9 +269,10 @@ pub async fn handoff(
         })?;
     let bare = st
         .registry
-        .redeem_ticket(&q.ticket)
+        .redeem_ticket_anywhere(&q.ticket)
+        .await
         .ok_or(ApiError::BadTicket)?;
-    if st.registry.get(&bare).is_none() {
+    if st.registry.find(&bare).await.is_none() {
         return Err(ApiError::BadTicket);
     }
     let (token, _) = st.registry.issue_token(&bare).await;

@@ -143,10 +143,11 @@ async fn answer(
         );
     }
     // A cookie is a browser credential: it counts only from an allowed origin.
-    let cookie_user = origin
-        .and_then(|_| cookie_token(headers))
-        .and_then(|t| st.registry.check_token(t))
-        .map(|j| j.to_bare());
+    let cookie_user = match origin.and_then(|_| cookie_token(headers)) {
+        Some(t) => st.registry.check_token_anywhere(t).await,
+        None => None,
+    }
+    .map(|j| j.to_bare());
     // The same per-client bucket as a WebSocket upgrade (a user's pages share one).
     let client = match &cookie_user {
         Some(user) => ClientKey::User(user.to_string()),

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bosh;
 pub mod client;
+pub mod cluster;
 pub mod error;
 pub mod listen;
 pub mod status;
@@ -40,6 +41,10 @@ pub struct Shared {
     pub pages: TaskTracker,
     /// The virtual BOSH sessions of pages that speak BOSH (SPEC §4b).
     pub bosh_pages: Arc<crate::page::bosh::BoshPages>,
+    /// This node's name (`node` of a session in the API; SPEC §12).
+    pub node_id: String,
+    /// This node's part in a cluster, when the store is shared (SPEC §12).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     next_page: AtomicU64,
     upgrades: client::UpgradeLimiter,
 }
@@ -51,6 +56,7 @@ impl AppState {
             config.limits.upgrade_rate_per_client,
             config.limits.upgrade_rate,
         );
+        let node_id = config.node_id();
         AppState(Arc::new(Shared {
             config,
             registry,
@@ -58,6 +64,8 @@ impl AppState {
             shutdown: CancellationToken::new(),
             pages: TaskTracker::new(),
             bosh_pages: Arc::default(),
+            node_id,
+            cluster: std::sync::OnceLock::new(),
             next_page: AtomicU64::new(1),
             upgrades,
         }))
@@ -72,6 +80,16 @@ impl std::ops::Deref for AppState {
 }
 
 impl Shared {
+    /// This node's part in a cluster, if the store is shared.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Makes this daemon a cluster node (once; at build time).
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
     /// Takes one upgrade for `client` (its own bucket, then the daemon's).
     fn allow_upgrade(&self, client: &client::ClientKey) -> bool {
         self.upgrades.allow(client)
@@ -125,6 +143,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/handoff", get(api::handoff))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/cluster/v1/pages/{jid}", get(cluster::page_link))
         .route("/metrics", get(status::metrics))
         .route("/status", get(status::status))
         .merge(api::routes(state.clone()))

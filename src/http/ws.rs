@@ -52,10 +52,11 @@ pub async fn upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, "restarting\n").into_response();
     }
     // A cookie is a browser credential: it counts only from an allowed origin.
-    let cookie_user = origin
-        .and_then(|_| cookie_token(&headers))
-        .and_then(|t| st.registry.check_token(t))
-        .map(|j: Jid| j.to_bare());
+    let cookie_user = match origin.and_then(|_| cookie_token(&headers)) {
+        Some(t) => st.registry.check_token_anywhere(t).await,
+        None => None,
+    }
+    .map(|j: Jid| j.to_bare());
     // A user's pages share one bucket wherever they come from (behind a proxy that is not
     // trusted, every page has the proxy's address); anyone else is known by address only.
     let client = match &cookie_user {

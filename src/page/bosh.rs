@@ -651,7 +651,7 @@ impl VirtualPage {
                         .stream_error("not-authorized", "authenticate first")
                         .await;
                 }
-                match conn::authenticate(&self.ctx, &el) {
+                match conn::authenticate(&self.ctx, &el).await {
                     Ok((user, session)) => {
                         tracing::debug!(user = %user, page = self.ctx.page, "BOSH page authenticated");
                         self.phase = Phase::Authed { session };
@@ -752,6 +752,11 @@ impl VirtualPage {
             }
             Err(AttachError::Gone) => {
                 let end = close_condition(close::LOST, "session not available");
+                self.end_with(end, false).await;
+                None
+            }
+            Err(AttachError::Moving) => {
+                let end = close_condition(close::RESTARTING, "session moving; reconnect");
                 self.end_with(end, false).await;
                 None
             }

@@ -81,6 +81,47 @@ pub async fn run(mut ws: WebSocket, ctx: PageContext) {
     finish(&mut ws, ending, ctx.dead_peer_timeout).await;
 }
 
+/// Serves a cluster peer's link for one of its pages (SPEC §12) on `session`, which this node
+/// drives: the link was authenticated by the peer, so there is no handshake — the first frame
+/// is the session's full JID, then the link is relayed like any page (same checks, queue,
+/// replay, carbons). It ends with a bare close frame; the peer's page adds its own `<close/>`.
+pub async fn run_relayed(mut ws: WebSocket, ctx: PageContext, session: SessionHandle) {
+    let ending = match attach(&session, ctx.page).await {
+        Ok((jid, out, queued)) => {
+            if send_text(&mut ws, jid.to_string()).await.is_ok() {
+                let b = Bound {
+                    session: session.clone(),
+                    jid,
+                    out,
+                    queued,
+                };
+                let ending = relay(&mut ws, &ctx, b).await;
+                session.detach(ctx.page).await;
+                ending
+            } else {
+                session.detach(ctx.page).await;
+                Ending::Gone
+            }
+        }
+        Err(AttachError::TooManyPages) => Ending::Close(TOO_MANY_PAGES, "too many pages"),
+        Err(AttachError::Gone) => Ending::Close(LOST, "session not available"),
+        Err(AttachError::Moving) => Ending::Close(RESTARTING, "session moving"),
+    };
+    let (code, reason) = match ending {
+        Ending::Gone => return,
+        Ending::Close(code, reason) => (code, reason.to_owned()),
+        Ending::StreamError(condition, _) => (POLICY, condition.to_owned()),
+    };
+    let _ = tokio::time::timeout(
+        ctx.dead_peer_timeout,
+        ws.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))),
+    )
+    .await;
+}
+
 async fn finish(ws: &mut WebSocket, ending: Ending, limit: Duration) {
     let (code, reason, before) = match ending {
         Ending::Gone => return,
@@ -196,7 +237,7 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
                 "authenticate first".into(),
             ));
         }
-        match authenticate(ctx, &auth) {
+        match authenticate(ctx, &auth).await {
             Ok(found) => break found,
             Err(condition) => {
                 failures += 1;
@@ -234,6 +275,9 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
             ));
         }
         Err(AttachError::Gone) => return Err(Ending::Close(LOST, "session not available")),
+        Err(AttachError::Moving) => {
+            return Err(Ending::Close(RESTARTING, "session moving; reconnect"));
+        }
     };
     tracing::debug!(user = %user, page = ctx.page, "page bound");
     let result = bind_result(&iq, &jid);
@@ -282,7 +326,7 @@ pub(super) fn bind_result(iq: &Element, jid: &Jid) -> Element {
 }
 
 /// Checks an `<auth/>`: PLAIN with a token as password, or EXTERNAL backed by the cookie.
-pub(super) fn authenticate(
+pub(super) async fn authenticate(
     ctx: &PageContext,
     auth: &Element,
 ) -> Result<(Jid, SessionHandle), &'static str> {
@@ -305,7 +349,11 @@ pub(super) fn authenticate(
             // RFC 4616 §2: both strings are prepared with SASLprep, as the server would.
             let token = sasl::prepare_password(token).map_err(|_| "not-authorized")?;
             let authcid = sasl::prepare_username(authcid).map_err(|_| "not-authorized")?;
-            let user = ctx.registry.check_token(&token).ok_or("not-authorized")?;
+            let user = ctx
+                .registry
+                .check_token_anywhere(&token)
+                .await
+                .ok_or("not-authorized")?;
             // The authcid names the account the token belongs to: its localpart or bare JID,
             // in any spelling that prepares to it.
             if !names_account(&authcid, &user) {
@@ -322,7 +370,7 @@ pub(super) fn authenticate(
     if !authzid.is_empty() && Jid::parse(&authzid).ok().as_ref() != Some(&user) {
         return Err("invalid-authzid");
     }
-    let session = ctx.registry.get(&user).ok_or("not-authorized")?;
+    let session = ctx.registry.find(&user).await.ok_or("not-authorized")?;
     Ok((user, session))
 }
 

@@ -60,6 +60,10 @@ pub enum AttachError {
     /// The session is gone or cannot be restored (close 4004).
     #[error("session is not available")]
     Gone,
+    /// The session is moving between cluster nodes (its owner is unreachable, or another node
+    /// is adopting it): the page should reconnect (close 1012; SPEC §12).
+    #[error("session is moving to another node")]
+    Moving,
 }
 
 /// Where the session's login stands.
@@ -150,6 +154,9 @@ pub struct SessionInfo {
     /// The live upstream session, for its current rid (shown on the status page only).
     #[serde(skip)]
     pub(crate) upstream_handle: Option<crate::bosh::BoshHandle>,
+    /// The node that drives the session (SPEC §12), filled in by the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl SessionInfo {
@@ -182,6 +189,7 @@ impl SessionInfo {
             relogins: 0,
             attached,
             upstream_handle: None,
+            node: None,
         }
     }
 }
@@ -212,6 +220,48 @@ pub(crate) enum Command {
     Suspend {
         done: oneshot::Sender<bool>,
     },
+}
+
+/// What a page asks of a session that another node drives (SPEC §12), as the relay to that
+/// node receives it from a [`SessionHandle::relayed`] handle.
+#[derive(Debug)]
+pub enum Relayed {
+    /// The page attaches: answer with the session's full JID once the owner did.
+    Attach {
+        /// The page's end.
+        link: PageLink,
+        /// The answer.
+        reply: oneshot::Sender<Result<Jid, AttachError>>,
+    },
+    /// A checked stanza from the page.
+    FromPage(Element),
+    /// The page is gone.
+    Detach,
+}
+
+/// The receiving end of a [`SessionHandle::relayed`] handle.
+pub struct RelayedCommands(mpsc::Receiver<Command>);
+
+impl RelayedCommands {
+    /// The next page request; `None` once every handle is dropped. Session-wide commands
+    /// (logout, stop, suspend) are not a relay's to carry out: they are answered at once.
+    pub async fn next(&mut self) -> Option<Relayed> {
+        loop {
+            return Some(match self.0.recv().await? {
+                Command::Attach { link, reply } => Relayed::Attach { link, reply },
+                Command::FromPage { stanza, .. } => Relayed::FromPage(stanza),
+                Command::Detach { .. } => Relayed::Detach,
+                Command::Logout { done } | Command::Stop { done } => {
+                    let _ = done.send(());
+                    continue;
+                }
+                Command::Suspend { done } => {
+                    let _ = done.send(false);
+                    continue;
+                }
+            });
+        }
+    }
 }
 
 /// A cheap handle to one user's session actor.
@@ -289,6 +339,21 @@ impl SessionHandle {
             return false;
         }
         rx.await.unwrap_or(false)
+    }
+
+    /// A handle for one page on a session another node drives (SPEC §12): what the page does
+    /// arrives at the returned receiver, for a relay to carry to the owner.
+    pub fn relayed(bare: Jid, id: u64) -> (SessionHandle, RelayedCommands) {
+        let (tx, rx) = mpsc::channel(256);
+        let (_, ready) = watch::channel(Readiness::Connecting);
+        let handle = SessionHandle {
+            id,
+            bare,
+            tx,
+            info: Arc::new(Mutex::new(SessionInfo::new(false))),
+            ready,
+        };
+        (handle, RelayedCommands(rx))
     }
 
     /// True once the actor has ended.

@@ -23,10 +23,21 @@ pub enum RegistryError {
     TooManyUsers,
 }
 
+/// Where sessions this node does not drive are found: the cluster (SPEC §12) sets one.
+pub trait Elsewhere: Send + Sync + 'static {
+    /// A handle on `bare`'s session when another node drives it (a relay to that node), or
+    /// when it had to be adopted here; `None` when the user has no session anywhere.
+    fn find(
+        &self,
+        bare: Jid,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<SessionHandle>> + Send>>;
+}
+
 /// The daemon's sessions and credentials. Derefs to the [`Deps`] its actors share.
 pub struct Registry {
     deps: Arc<Deps>,
     next_id: AtomicU64,
+    elsewhere: std::sync::OnceLock<Arc<dyn Elsewhere>>,
 }
 
 impl std::ops::Deref for Registry {
@@ -51,12 +62,32 @@ impl Registry {
                 sessions: SessionTable::default(),
             }),
             next_id: AtomicU64::new(1),
+            elsewhere: std::sync::OnceLock::new(),
         })
     }
 
     /// The live session of `bare`, if any.
     pub fn get(&self, bare: &Jid) -> Option<SessionHandle> {
         self.sessions.get(bare)
+    }
+
+    /// Sets where sessions of other nodes are found (once; later calls are ignored).
+    pub fn set_elsewhere(&self, elsewhere: Arc<dyn Elsewhere>) {
+        let _ = self.elsewhere.set(elsewhere);
+    }
+
+    /// The session of `bare` wherever it is driven: this node's, else one another node drives
+    /// (through [`Elsewhere`]), else `None`.
+    pub async fn find(&self, bare: &Jid) -> Option<SessionHandle> {
+        if let Some(h) = self.get(bare) {
+            return Some(h);
+        }
+        self.elsewhere.get()?.find(bare.clone()).await
+    }
+
+    /// A fresh id for a handle that is not an actor (a relayed page's).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Every live session.
@@ -92,7 +123,9 @@ impl Registry {
         count
     }
 
-    fn recover_one(&self, record: SessionRecord) -> Option<SessionHandle> {
+    /// Takes over one stored session (SPEC §8, §12: at start, or adopted from a dead node) by
+    /// an actor that resumes it; the live one if this node drives `bare` already.
+    pub fn recover_one(&self, record: SessionRecord) -> Option<SessionHandle> {
         let bare = Jid::parse(&record.bare).ok()?.to_bare();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (handle, _) = self
@@ -117,6 +150,16 @@ impl Registry {
     /// The user a token belongs to; using it extends its life.
     pub fn check_token(&self, token: &str) -> Option<Jid> {
         self.tokens.check_token(token)
+    }
+
+    /// Like [`Registry::check_token`], also for tokens another node issued (SPEC §12).
+    pub async fn check_token_anywhere(&self, token: &str) -> Option<Jid> {
+        self.tokens.check_token_anywhere(token).await
+    }
+
+    /// Like [`Registry::redeem_ticket`], also for tickets another node issued (SPEC §12).
+    pub async fn redeem_ticket_anywhere(&self, ticket: &str) -> Option<Jid> {
+        self.tokens.redeem_ticket_anywhere(ticket).await
     }
 
     /// A one-time ticket for `bare`.

@@ -114,6 +114,65 @@ impl Tokens {
         (e.expires > Instant::now()).then_some(e.bare)
     }
 
+    /// Like [`Tokens::check_token`], and when this process does not know the token, the store
+    /// is asked: another node of the cluster may have issued it (SPEC §12). A token found there
+    /// is not kept here, so that a logout on its owner node revokes it everywhere at once.
+    pub async fn check_token_anywhere(&self, token: &str) -> Option<Jid> {
+        if let Some(bare) = self.check_token(token) {
+            return Some(bare);
+        }
+        self.store.shared()?;
+        let found = self
+            .store
+            .find_credential(CredentialKind::Token, hash(token), false)
+            .await;
+        let c = Self::found(found)?;
+        let bare = Jid::parse(&c.bare).ok()?.to_bare();
+        // Sliding expiry, as for a token known here: written once it lags by a quarter.
+        let renewed = unix_now() + self.token_ttl.as_secs();
+        if renewed.saturating_sub(c.expires_at) > self.token_ttl.as_secs() / 4 {
+            let store = self.store.clone();
+            let c = credential(CredentialKind::Token, c.hash, &bare, self.token_ttl);
+            tokio::spawn(async move { warn_on_error(store.put_credential(c).await) });
+        }
+        Some(bare)
+    }
+
+    /// Like [`Tokens::redeem_ticket`], and when this process does not know the ticket, it is
+    /// taken from the store (issued by another node; SPEC §12): still once only.
+    /// With a shared store the store decides, so that a ticket is redeemed once across
+    /// every node; this process's copy is dropped either way.
+    pub async fn redeem_ticket_anywhere(&self, ticket: &str) -> Option<Jid> {
+        if self.store.shared().is_none() {
+            return self.redeem_ticket(ticket);
+        }
+        let h = hash(ticket);
+        let local = self.tickets.lock().remove(&h);
+        let found = self
+            .store
+            .find_credential(CredentialKind::Ticket, h, true)
+            .await;
+        match found {
+            Ok(Some(c)) => Jid::parse(&c.bare).ok().map(|j| j.to_bare()),
+            Ok(None) => None,
+            // Redis is out of reach: what this process issued still works here.
+            Err(e) => {
+                tracing::warn!(error = %e, "ticket not looked up in the store");
+                local.filter(|e| e.expires > Instant::now()).map(|e| e.bare)
+            }
+        }
+    }
+
+    fn found(r: Result<Option<Credential>, StoreError>) -> Option<Credential> {
+        match r {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "credential not looked up in the store");
+                None
+            }
+        }
+    }
+
     /// Forgets every token and ticket of `bare` in memory (the store drops them with the
     /// session's record).
     pub fn revoke(&self, bare: &Jid) {

@@ -856,6 +856,7 @@ mod tests {
         let backend = Arc::new(EmbeddedStore::open(&dir.0).unwrap());
         let store = Store {
             backend: backend.clone(),
+            shared: None,
         };
         let mut tasks = Vec::new();
         for i in 0..SESSIONS {

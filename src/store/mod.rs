@@ -189,6 +189,26 @@ pub trait Backend: Send + Sync + 'static {
     fn put_credential(&self, credential: Credential) -> StoreFuture<()>;
     /// Removes a credential.
     fn remove_credential(&self, kind: CredentialKind, hash: [u8; 32]) -> StoreFuture<()>;
+    /// The stored credential with `hash`, if it exists and has not expired: how a node finds a
+    /// token or ticket another node issued (SPEC §12). With `take`, it is removed in the same
+    /// step (a ticket is redeemed once, whichever node redeems it). Stores of one process
+    /// answer `None`: their credentials are all in memory already.
+    fn find_credential(
+        &self,
+        kind: CredentialKind,
+        hash: [u8; 32],
+        take: bool,
+    ) -> StoreFuture<Option<Credential>> {
+        let _ = (kind, hash, take);
+        Box::pin(async { Ok(None) })
+    }
+    /// Checks, without writing, that `epoch` is still `bare`'s ([`StoreError::Fenced`] if not):
+    /// what a request re-sent without a new write-ahead record asks first (SPEC §12). Stores
+    /// of one process, where nothing else changes epochs, answer `Ok` without looking.
+    fn confirm(&self, bare: &str, epoch: u64) -> StoreFuture<()> {
+        let _ = (bare, epoch);
+        Box::pin(async { Ok(()) })
+    }
     /// Whether what is written outlives the daemon that wrote it, so that a stop leaves sessions
     /// alive for whoever reads the store next (false only for the null store).
     fn durable(&self) -> bool;
@@ -198,6 +218,8 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// The same backend when it is Redis: what a cluster's nodes share (SPEC §12).
+    shared: Option<Arc<redis::RedisStore>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -213,7 +235,22 @@ impl Store {
     pub fn new(backend: impl Backend) -> Store {
         Store {
             backend: Arc::new(backend),
+            shared: None,
         }
+    }
+
+    /// A store on Redis, which a cluster's nodes can share ([`Store::shared`]).
+    pub fn redis(backend: redis::RedisStore) -> Store {
+        let shared = Arc::new(backend);
+        Store {
+            backend: shared.clone(),
+            shared: Some(shared),
+        }
+    }
+
+    /// The Redis backend, when the store is one several nodes can share (SPEC §12).
+    pub fn shared(&self) -> Option<&Arc<redis::RedisStore>> {
+        self.shared.as_ref()
     }
 
     /// Opens the store at `location` (the `store` setting, SPEC §8): a `redis://` or `rediss://`
@@ -231,7 +268,7 @@ impl Store {
             .split_once("://")
             .map(|(s, _)| s.to_ascii_lowercase());
         if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
-            return Ok(Store::new(redis::RedisStore::open(location)?));
+            return Ok(Store::redis(redis::RedisStore::open(location)?));
         }
         Ok(Store::new(embedded::EmbeddedStore::open(
             std::path::Path::new(location),
@@ -287,6 +324,19 @@ impl Store {
     /// Stores a credential.
     pub async fn put_credential(&self, credential: Credential) -> Result<(), StoreError> {
         self.backend.put_credential(credential).await
+    }
+
+    /// The credential with `hash` as another node stored it ([`Backend::find_credential`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn find_credential(
+        &self,
+        kind: CredentialKind,
+        hash: [u8; 32],
+        take: bool,
+    ) -> Result<Option<Credential>, StoreError> {
+        self.backend.find_credential(kind, hash, take).await
     }
 
     /// Removes a credential.
@@ -349,6 +399,14 @@ impl SessionStore {
     /// Removes the record and the session's credentials (logout, session over).
     pub async fn remove(&self) -> Result<(), StoreError> {
         self.store.backend.remove(&self.bare, self.epoch).await
+    }
+
+    /// Checks that this handle's epoch is still the session's ([`Backend::confirm`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Fenced`]: another owner took the session over; [`StoreError::Unavailable`].
+    pub async fn confirm(&self) -> Result<(), StoreError> {
+        self.store.backend.confirm(&self.bare, self.epoch).await
     }
 }
 

@@ -34,6 +34,10 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
 
+mod membership;
+
+pub use membership::{Located, Member, node_of};
+
 use super::{
     Backend, Credential, CredentialKind, SessionRecord, Snapshot, StoreError, StoreFuture, Write,
     unix_now,
@@ -91,8 +95,9 @@ end
 return 'ok'
 ";
 
-/// KEYS: session, requests, last epoch. ARGV: meta, handed_on. Replaces any record; the epoch
-/// is one above the last `bare` had (and above the record's, should the last-epoch key be lost).
+/// KEYS: session, requests, last epoch. ARGV: meta, handed_on, then [`OWN`]'s. Replaces any
+/// record; the epoch is one above the last `bare` had (and above the record's, should the
+/// last-epoch key be lost).
 const CREATE: &str = r"
 local epoch = redis.call('INCR', KEYS[3])
 local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
@@ -100,14 +105,34 @@ if cur and epoch <= cur then
   epoch = cur + 1
   redis.call('SET', KEYS[3], string.format('%d', epoch))
 end
+local before = redis.call('HGET', KEYS[1], 'owner')
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', string.format('%d', epoch), 'meta', ARGV[1],
   'caches', '', 'handed_on', ARGV[2])
+own(before, ARGV[3], ARGV[4], ARGV[5])
 return 'epoch:' .. string.format('%d', epoch)
 ";
 
-/// KEYS: session, requests, last epoch. ARGV: epoch. The new epoch, after which writes at the
-/// old one are refused.
+/// Ownership bookkeeping of the cluster (SPEC §12), prepended to the scripts that change a
+/// session's owner: `own(before, member, prefix, bare)` records `member` (`''`: none, a store of
+/// one process) as the owner of `bare`, in the session hash (`KEYS[1]`) and the members' sets of
+/// owned sessions, and drops a pending claim.
+const OWN: &str = r"
+local function own(before, member, prefix, bare)
+  if before and before ~= member then redis.call('SREM', prefix .. 'owned:' .. before, bare) end
+  redis.call('DEL', prefix .. 'claim:' .. bare)
+  if member == '' then
+    redis.call('HDEL', KEYS[1], 'owner')
+    return
+  end
+  redis.call('HSET', KEYS[1], 'owner', member)
+  redis.call('SADD', prefix .. 'owned:' .. member, bare)
+  redis.call('SADD', prefix .. 'members', member)
+end
+";
+
+/// KEYS: session, requests, last epoch. ARGV: epoch, then [`OWN`]'s. The new epoch, after which
+/// writes at the old one are refused; the taker is the owner.
 const TAKE_OVER: &str = r"
 local epoch = redis.call('INCR', KEYS[3])
 if epoch <= tonumber(cur) then
@@ -115,15 +140,18 @@ if epoch <= tonumber(cur) then
   redis.call('SET', KEYS[3], string.format('%d', epoch))
 end
 redis.call('HSET', KEYS[1], 'epoch', string.format('%d', epoch))
+own(redis.call('HGET', KEYS[1], 'owner'), ARGV[2], ARGV[3], ARGV[4])
 return 'epoch:' .. string.format('%d', epoch)
 ";
 
-/// KEYS: session, requests, credential index. ARGV: epoch, credential key prefix. The last
-/// epoch stays.
+/// KEYS: session, requests, credential index. ARGV: epoch, credential key prefix, key prefix,
+/// bare. The last epoch stays.
 const REMOVE: &str = r"
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   redis.call('DEL', ARGV[2] .. m)
 end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then redis.call('SREM', ARGV[3] .. 'owned:' .. owner, ARGV[4]) end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 'ok'
 ";
@@ -169,8 +197,8 @@ impl Scripts {
         let fenced = |body: &str| Script::new(&format!("{CHECK_EPOCH}{body}"));
         Scripts {
             write: fenced(WRITE),
-            create: Script::new(CREATE),
-            take_over: fenced(TAKE_OVER),
+            create: Script::new(&format!("{OWN}{CREATE}")),
+            take_over: Script::new(&format!("{OWN}{CHECK_EPOCH}{TAKE_OVER}")),
             remove: fenced(REMOVE),
             put_credential: Script::new(PUT_CREDENTIAL),
             remove_credential: Script::new(REMOVE_CREDENTIAL),
@@ -188,6 +216,9 @@ pub struct RedisStore {
     prefix: std::sync::Arc<str>,
     /// The URL without its password, for messages.
     location: String,
+    /// The cluster member this process writes as (SPEC §12): recorded as the owner of the
+    /// sessions it creates or takes over. `None` until the node registers.
+    member: std::sync::Arc<Mutex<Option<std::sync::Arc<str>>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -328,6 +359,7 @@ impl RedisStore {
             scripts: std::sync::Arc::new(Scripts::new()),
             prefix: std::sync::Arc::from(prefix),
             location,
+            member: Default::default(),
         })
     }
 
@@ -354,6 +386,22 @@ impl RedisStore {
 
     fn keys(&self) -> Keys {
         Keys(self.prefix.clone())
+    }
+
+    /// The arguments of [`OWN`]: this process's member (or `''`), the prefix, `bare`.
+    fn own_args(&self, bare: &str) -> [Vec<u8>; 3] {
+        let member = self
+            .member
+            .lock()
+            .as_deref()
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec();
+        [
+            member,
+            self.prefix.as_bytes().to_vec(),
+            bare.as_bytes().to_vec(),
+        ]
     }
 
     /// Runs `script` (chosen from [`Scripts`]) with `keys` and `args`; its answer.
@@ -438,6 +486,25 @@ fn field_u64(f: &Fields, name: &str) -> Option<u64> {
     std::str::from_utf8(f.get(name)?).ok()?.parse().ok()
 }
 
+/// A session's record from its hash `s` and its requests hash `r`.
+fn record(bare: String, epoch: u64, handed_on: u64, s: &Fields, r: &Fields) -> SessionRecord {
+    let mut requests: Vec<(u64, Bytes)> = r
+        .iter()
+        .filter_map(|(rid, bytes)| Some((rid.parse().ok()?, Bytes::from(bytes.clone()))))
+        .filter(|(rid, _)| *rid > handed_on)
+        .collect();
+    requests.sort_unstable_by_key(|(rid, _)| *rid);
+    let bytes = |name: &str| Bytes::from(s.get(name).cloned().unwrap_or_default());
+    SessionRecord {
+        bare,
+        epoch,
+        meta: bytes("meta"),
+        caches: bytes("caches"),
+        handed_on,
+        requests,
+    }
+}
+
 /// Reads every session and credential: keys by `SCAN`, then each batch of records in one
 /// `MULTI` (a session's hash and its requests are read together, never half a write apart).
 async fn load(mut conn: ConnectionManager, keys: Keys) -> Result<Snapshot, RedisError> {
@@ -467,21 +534,7 @@ async fn load(mut conn: ConnectionManager, keys: Keys) -> Result<Snapshot, Redis
                 tracing::warn!("store: the Redis record of {bare} is damaged; left out");
                 continue;
             };
-            let mut requests: Vec<(u64, Bytes)> = r
-                .iter()
-                .filter_map(|(rid, bytes)| Some((rid.parse().ok()?, Bytes::from(bytes.clone()))))
-                .filter(|(rid, _)| *rid > handed_on)
-                .collect();
-            requests.sort_unstable_by_key(|(rid, _)| *rid);
-            let bytes = |name: &str| Bytes::from(s.get(name).cloned().unwrap_or_default());
-            sessions.push(SessionRecord {
-                bare: bare.clone(),
-                epoch,
-                meta: bytes("meta"),
-                caches: bytes("caches"),
-                handed_on,
-                requests,
-            });
+            sessions.push(record(bare.clone(), epoch, handed_on, s, r));
         }
     }
 
@@ -541,14 +594,18 @@ impl Backend for RedisStore {
     fn create(&self, bare: &str, meta: Bytes, handed_on: u64) -> StoreFuture<u64> {
         let k = self.keys();
         let keys = vec![k.session(bare), k.requests(bare), k.epoch(bare)];
-        let run = self.run(|s| &s.create, keys, vec![meta.to_vec(), num(handed_on)]);
+        let mut args = vec![meta.to_vec(), num(handed_on)];
+        args.extend(self.own_args(bare));
+        let run = self.run(|s| &s.create, keys, args);
         Box::pin(async move { epoch_of(run.await?) })
     }
 
     fn take_over(&self, bare: &str, epoch: u64) -> StoreFuture<u64> {
         let k = self.keys();
         let keys = vec![k.session(bare), k.requests(bare), k.epoch(bare)];
-        let run = self.run(|s| &s.take_over, keys, vec![num(epoch)]);
+        let mut args = vec![num(epoch)];
+        args.extend(self.own_args(bare));
+        let run = self.run(|s| &s.take_over, keys, args);
         Box::pin(async move { epoch_of(run.await?) })
     }
 
@@ -578,7 +635,12 @@ impl Backend for RedisStore {
     fn remove(&self, bare: &str, epoch: u64) -> StoreFuture<()> {
         let k = self.keys();
         let keys = vec![k.session(bare), k.requests(bare), k.index(bare)];
-        let args = vec![num(epoch), k.cred_prefix().into_bytes()];
+        let args = vec![
+            num(epoch),
+            k.cred_prefix().into_bytes(),
+            self.prefix.as_bytes().to_vec(),
+            bare.as_bytes().to_vec(),
+        ];
         let run = self.run(|s| &s.remove, keys, args);
         Box::pin(async move { done(run.await?) })
     }
@@ -606,6 +668,51 @@ impl Backend for RedisStore {
         ];
         let run = self.run(|s| &s.remove_credential, keys, args);
         Box::pin(async move { done(run.await?) })
+    }
+
+    fn find_credential(
+        &self,
+        kind: CredentialKind,
+        hash: [u8; 32],
+        take: bool,
+    ) -> StoreFuture<Option<Credential>> {
+        /// KEYS: credential. ARGV: `take` flag, index member, index key prefix. `{bare,
+        /// expires_at}` or nothing; removed with `take`.
+        const FIND: &str = r"
+local bare = redis.call('HGET', KEYS[1], 'bare')
+if not bare then return {} end
+local at = redis.call('HGET', KEYS[1], 'expires_at')
+if ARGV[1] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', ARGV[3] .. bare, ARGV[2])
+end
+return {bare, at}
+";
+        let k = self.keys();
+        let keys = vec![k.cred(kind, &hash)];
+        let args = vec![
+            if take { b"1".to_vec() } else { b"0".to_vec() },
+            member(kind, &hash).into_bytes(),
+            k.index_prefix().into_bytes(),
+        ];
+        let call = self.eval::<Vec<String>>(FIND, keys, args);
+        Box::pin(async move {
+            let found = call.await?;
+            let [bare, at] = found.as_slice() else {
+                return Ok(None);
+            };
+            let expires_at: u64 = at.parse().unwrap_or(0);
+            Ok((expires_at > unix_now()).then(|| Credential {
+                kind,
+                hash,
+                bare: bare.clone(),
+                expires_at,
+            }))
+        })
+    }
+
+    fn confirm(&self, bare: &str, epoch: u64) -> StoreFuture<()> {
+        self.confirm_epoch(bare, epoch)
     }
 
     fn durable(&self) -> bool {
@@ -654,6 +761,7 @@ mod tests {
         (
             Store {
                 backend: backend.clone(),
+                shared: Some(backend.clone()),
             },
             backend,
             prefix,

@@ -1,0 +1,182 @@
+//! A page on this node whose session another node drives (SPEC §12: "a page that lands on
+//! another node is served through the owner and cannot tell"). The page's task talks to a
+//! [`SessionHandle::relayed`] handle as to any session; behind it, one WebSocket per page to
+//! the owner's `/cluster/v1/pages/{bare}` carries the page's checked stanzas there and the
+//! owner's frames back. The owner treats the link as one of the session's pages (replay,
+//! carbons, iq routing, queue limit); this end adds the page's own queue limit.
+//!
+//! Close codes pass through: the owner's 4001/4003/4004 reach the page as they are. A link
+//! that cannot be made, or breaks without a close (the owner died), closes the page with 1012,
+//! so that it reconnects — by then through the node that adopted the session.
+
+use std::sync::atomic::Ordering;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::page::Frame;
+use crate::page::close::{LOST, NORMAL, RESTARTING, REVOKED, SLOW, TOO_MANY_PAGES};
+use crate::session::{AttachError, PageOut, Registry, Relayed, SessionHandle};
+use crate::store::redis::Member;
+use crate::xmpp::Jid;
+
+/// The header that names the node a request was relayed or forwarded from; a request carrying
+/// it is served where it lands, never sent on again.
+pub const FORWARDED_HEADER: &str = "x-boshmux-forwarded-by";
+
+/// A handle for one page on `bare`'s session, which `owner` drives. `queue_limit`: bytes the
+/// page may have waiting here before it is closed with 4002.
+pub fn relayed(
+    registry: &Registry,
+    bare: Jid,
+    owner: Member,
+    api_key: String,
+    queue_limit: usize,
+) -> SessionHandle {
+    let (handle, commands) = SessionHandle::relayed(bare.clone(), registry.next_id());
+    tokio::spawn(run(commands, bare, owner, api_key, queue_limit));
+    handle
+}
+
+/// The reason shown with close code `code` (a page sees the code; the text is for logs).
+fn reason(code: u16) -> &'static str {
+    match code {
+        NORMAL => "closed",
+        REVOKED => "logged out",
+        SLOW => "page too slow",
+        TOO_MANY_PAGES => "too many pages for this user",
+        LOST => "session not available",
+        _ => "session moving to another node; reconnect",
+    }
+}
+
+async fn run(
+    mut commands: crate::session::RelayedCommands,
+    bare: Jid,
+    owner: Member,
+    api_key: String,
+    queue_limit: usize,
+) {
+    let Some(Relayed::Attach { link, reply }) = commands.next().await else {
+        return;
+    };
+    let url = format!(
+        "{}/cluster/v1/pages/{}",
+        owner.url.replacen("http", "ws", 1),
+        bare
+    );
+    let request = match tungstenite::client::IntoClientRequest::into_client_request(url.as_str()) {
+        Ok(mut r) => {
+            let h = r.headers_mut();
+            if let Ok(v) = format!("Bearer {api_key}").parse() {
+                h.insert("authorization", v);
+            }
+            if let Ok(v) = owner.node_id().parse() {
+                h.insert(FORWARDED_HEADER, v);
+            }
+            r
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: bad relay URL");
+            let _ = reply.send(Err(AttachError::Moving));
+            return;
+        }
+    };
+    let connected = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await;
+    let mut ws = match connected {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(user = %bare, owner = %owner.id, error = %e, "cluster: owner not reachable");
+            let _ = reply.send(Err(AttachError::Moving));
+            return;
+        }
+        Err(_) => {
+            let _ = reply.send(Err(AttachError::Moving));
+            return;
+        }
+    };
+    // The owner's first frame is the session's full JID, or a close that says why not.
+    let jid = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => match Jid::parse(t.as_str()) {
+                Ok(j) => break j,
+                Err(_) => {
+                    let _ = reply.send(Err(AttachError::Moving));
+                    return;
+                }
+            },
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map_or(RESTARTING, |f| u16::from(f.code));
+                let e = match code {
+                    TOO_MANY_PAGES => AttachError::TooManyPages,
+                    LOST | REVOKED => AttachError::Gone,
+                    _ => AttachError::Moving,
+                };
+                let _ = reply.send(Err(e));
+                return;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                let _ = reply.send(Err(AttachError::Moving));
+                return;
+            }
+        }
+    };
+    if reply.send(Ok(jid)).is_err() {
+        let _ = ws.close(None).await;
+        return;
+    }
+    let close = |code: u16| PageOut::Close(code, reason(code));
+    loop {
+        tokio::select! {
+            command = commands.next() => match command {
+                Some(Relayed::FromPage(stanza)) => {
+                    if ws.send(Message::text(stanza.to_xml())).await.is_err() {
+                        let _ = link.tx.send(close(RESTARTING));
+                        return;
+                    }
+                }
+                Some(Relayed::Detach) | None => {
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                Some(Relayed::Attach { reply, .. }) => {
+                    // One page per link: a second attach is a bug of the caller.
+                    let _ = reply.send(Err(AttachError::Gone));
+                }
+            },
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(t))) => {
+                    let len = t.len();
+                    let queued = link.queued.fetch_add(len, Ordering::Relaxed) + len;
+                    if queued > queue_limit {
+                        let _ = link.tx.send(close(SLOW));
+                        let _ = ws.close(None).await;
+                        return;
+                    }
+                    let frame = Frame::from(t.as_str().to_owned());
+                    if link.tx.send(PageOut::Frame(frame)).is_err() {
+                        let _ = ws.close(None).await;
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(RESTARTING, |f| u16::from(f.code));
+                    let _ = link.tx.send(close(code));
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    // The owner is gone without a word: the page reconnects, and finds the
+                    // session where it is adopted.
+                    let _ = link.tx.send(close(RESTARTING));
+                    return;
+                }
+            },
+        }
+    }
+}
