@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, unused_macros, unused_imports)] // each test binary uses a different part of this module
 
 pub mod bosh_page;
+pub mod cluster;
 pub mod daemon;
 pub mod fuzz;
 pub mod node;

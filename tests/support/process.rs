@@ -13,17 +13,35 @@ use super::daemon::{API_KEY, Daemon, ORIGIN};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A `boshmux serve` process with an embedded store, restartable on the same port and store.
+/// A `boshmux serve` process with an embedded store (or a shared one, [`DaemonProcess::start_shared`]),
+/// restartable on the same port and store.
 pub struct DaemonProcess {
     /// Talks to the current process (the page and API helpers of the in-process daemon).
     pub daemon: Daemon,
     child: Option<Child>,
     bosh: String,
-    store: PathBuf,
+    store: StoreAt,
     addr: SocketAddr,
     extra: Vec<(String, String)>,
     /// Everything the processes logged (stderr), for failure messages.
     pub log: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+/// Where a process keeps its sessions (`BOSHMUX_STORE`).
+enum StoreAt {
+    /// An embedded store in this directory, removed on drop.
+    Dir(PathBuf),
+    /// A store other processes share (`redis://…`), left as it is on drop.
+    Shared(String),
+}
+
+/// A free loopback TCP port (the small window before the daemon binds it is accepted).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh store directory under the system's temporary directory.
@@ -38,17 +56,34 @@ impl DaemonProcess {
     /// Starts `boshmux serve` in front of `p` with its store in `store`; `extra` are more
     /// `BOSHMUX_*` variables.
     pub async fn start(p: &Server, store: &Path, extra: &[(&str, &str)]) -> DaemonProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        DaemonProcess::start_at(p, addr, StoreAt::Dir(store.to_owned()), extra).await
+    }
+
+    /// Starts `boshmux serve` in front of `p` on `addr` with `BOSHMUX_STORE=store` (a store
+    /// other processes share, e.g. `redis://127.0.0.1:PORT/DB`; nothing is removed on drop);
+    /// `extra` are more `BOSHMUX_*` variables (a cluster node's `BOSHMUX_NODE_ID`, …).
+    pub async fn start_shared(
+        p: &Server,
+        addr: SocketAddr,
+        store: &str,
+        extra: &[(&str, &str)],
+    ) -> DaemonProcess {
+        DaemonProcess::start_at(p, addr, StoreAt::Shared(store.to_owned()), extra).await
+    }
+
+    async fn start_at(
+        p: &Server,
+        addr: SocketAddr,
+        store: StoreAt,
+        extra: &[(&str, &str)],
+    ) -> DaemonProcess {
         let mut d = DaemonProcess {
-            daemon: Daemon::external(SocketAddr::from(([127, 0, 0, 1], port)), &p.domain),
+            daemon: Daemon::external(addr, &p.domain),
             child: None,
             bosh: p.bosh.clone(),
-            store: store.to_owned(),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            store,
+            addr,
             extra: extra
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -60,6 +95,10 @@ impl DaemonProcess {
     }
 
     async fn spawn(&mut self) {
+        let store = match &self.store {
+            StoreAt::Dir(dir) => dir.as_os_str(),
+            StoreAt::Shared(url) => url.as_ref(),
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_boshmux"));
         cmd.arg("serve")
             .env("BOSHMUX_LISTEN", self.addr.to_string())
@@ -68,7 +107,7 @@ impl DaemonProcess {
             .env("BOSHMUX_API_KEY", API_KEY)
             .env("BOSHMUX_ALLOWED_ORIGINS", ORIGIN)
             .env("BOSHMUX_BOSH_WAIT", "10")
-            .env("BOSHMUX_STORE", &self.store)
+            .env("BOSHMUX_STORE", store)
             .env("BOSHMUX_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -113,17 +152,16 @@ impl DaemonProcess {
 
     /// `kill -TERM`: the graceful stop starts; the process is still running when this returns.
     pub fn term(&mut self) {
-        let pid = self
-            .child
-            .as_ref()
-            .expect("running")
-            .id()
-            .expect("not reaped");
+        self.signal("TERM");
+    }
+
+    /// Sends `kill -NAME` (`TERM`, `STOP`, `CONT`, …) to the running process.
+    pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .unwrap();
-        assert!(status.success());
+        assert!(status.success(), "kill -{name} {}", self.pid());
     }
 
     /// Waits for the process to exit by itself (after [`DaemonProcess::term`]).
@@ -155,9 +193,26 @@ impl DaemonProcess {
             .unwrap_or(0)
     }
 
-    /// The store directory.
+    /// The store directory (panics for a shared store).
     pub fn store(&self) -> &Path {
-        &self.store
+        match &self.store {
+            StoreAt::Dir(dir) => dir,
+            StoreAt::Shared(url) => panic!("the store is {url}, not a directory"),
+        }
+    }
+
+    /// The process id of the running process (for signals: `kill -STOP`, …).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("running")
+            .id()
+            .expect("not reaped")
+    }
+
+    /// Whether a process was started and has not been killed or waited for since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 }
 
@@ -166,7 +221,9 @@ impl Drop for DaemonProcess {
         if let Some(child) = &mut self.child {
             let _ = child.start_kill();
         }
-        let _ = std::fs::remove_dir_all(&self.store);
+        if let StoreAt::Dir(dir) = &self.store {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
