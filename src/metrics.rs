@@ -60,6 +60,9 @@ pub struct Metrics {
     pub upstream_requests: AtomicU64,
     /// Upstream resends after transport failures.
     pub upstream_retries: AtomicU64,
+    /// HTTP requests actually posted upstream (new ones and resends), counted once the
+    /// write-ahead record or the epoch check let them go: what a fenced node must never add to.
+    pub upstream_posts: AtomicU64,
     /// Held upstream requests cut by something in between and resent (SPEC §7); not retries.
     pub upstream_cuts: AtomicU64,
     /// Stanzas received from upstream.
@@ -131,7 +134,12 @@ impl Metrics {
             "Pages (WebSockets) attached.",
             pages,
         );
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
+            (
+                "boshmux_upstream_posts_total",
+                "HTTP requests posted upstream (new and resent), after the store let them go.",
+                &self.upstream_posts,
+            ),
             (
                 "boshmux_upstream_requests_total",
                 "New upstream BOSH requests.",

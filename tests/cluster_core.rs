@@ -269,3 +269,187 @@ async fn the_owners_kill_9_costs_no_login_no_flap_and_no_message(p: Server) {
     let got = support::next_message(&mut b.events, LIMIT).await;
     assert_eq!(body_text(&got).as_deref(), Some("after"));
 }
+
+/// The session's owner as the API of `d` names it, asked with a short time limit (a request
+/// forwarded to a frozen owner would wait for it).
+async fn owner_via(d: &DaemonProcess, bare: &str) -> Option<String> {
+    let path = format!("/api/v1/sessions/{bare}");
+    let call = d.daemon.api(reqwest::Method::GET, &path, None);
+    let (status, json) = tokio::time::timeout(Duration::from_secs(1), call)
+        .await
+        .ok()?;
+    (status == 200).then(|| json["node"].as_str().unwrap_or_default().to_owned())
+}
+
+both!(a_frozen_owner_wakes_fenced_and_sends_nothing);
+async fn a_frozen_owner_wakes_fenced_and_sends_nothing(p: Server) {
+    let url = redis_db(&p, 9).await;
+    let (a, _) = p.user("g48a");
+    let a_full = format!("{a}/boshmux");
+    let n1 = node(&p, &url, "n1").await;
+    let n2 = node(&p, &url, "n2").await;
+    let h = n1.daemon.handoff("g48a", "pw-g48a").await;
+    let mut on1 = n1.daemon.page("g48a", &h.token).await;
+    let mut on2 = n2.daemon.page("g48a", &h.token).await;
+    on2.send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g48b", "b").await;
+    sees_available(&mut b, &a_full).await;
+    on1.sync().await;
+
+    let posts_before = n1.counter("boshmux_upstream_posts_total").await;
+    n1.signal("STOP");
+    // Frozen for longer than its lease: n2 adopts, and the relayed page follows the session.
+    for i in 0..4 {
+        b.handle
+            .send(chat(&a.to_string(), &format!("frozen {i}")))
+            .await
+            .unwrap();
+    }
+    let adopted = eventually("n2 adopts the session", LIMIT, || async {
+        (owner_via(&n2, &a.to_string()).await.as_deref() == Some("n2")).then_some(())
+    })
+    .await;
+    let _ = adopted;
+    match on2.next_text(LIMIT).await {
+        Some(Err(closed)) => assert_eq!(closed.code, 1012, "the relayed page reconnects"),
+        other => {
+            // It may have got the first frames before the freeze was noticed; then the close.
+            assert!(matches!(other, Some(Ok(_))), "{other:?}");
+            loop {
+                match on2.next_text(LIMIT).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(closed)) => {
+                        assert_eq!(closed.code, 1012);
+                        break;
+                    }
+                    None => panic!("the relayed page was left waiting on a frozen owner"),
+                }
+            }
+        }
+    }
+    let mut back = page_when_ready(&n2, "g48a", &h.token).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let m = back.next_message().await;
+        got.push(body_text(&m).unwrap_or_default());
+    }
+    got.sort();
+    assert_eq!(got, ["frozen 0", "frozen 1", "frozen 2", "frozen 3"]);
+
+    // Woken: it lets the session go without a word upstream or to its page.
+    n1.signal("CONT");
+    let mut after_wake = Vec::new();
+    loop {
+        match on1.next_text(LIMIT).await {
+            Some(Ok(text)) => after_wake.extend(support::process::message_body(&text)),
+            Some(Err(closed)) => {
+                assert_eq!(closed.code, 1012, "the woken node's page reconnects");
+                break;
+            }
+            None => panic!("the woken node kept its page"),
+        }
+    }
+    assert!(
+        after_wake.iter().all(|b| !b.starts_with("frozen")),
+        "the woken node handed its page what the new owner delivers: {after_wake:?}"
+    );
+    b.handle
+        .send(chat(&a.to_string(), "after the wake"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&back.next_message().await).as_deref(),
+        Some("after the wake")
+    );
+    assert_eq!(
+        n1.counter("boshmux_upstream_posts_total").await,
+        posts_before,
+        "the woken node posted upstream"
+    );
+    assert_eq!(
+        p.sessions_of(&a),
+        std::slice::from_ref(&a_full),
+        "one session, the same"
+    );
+    assert_eq!(n2.counter("boshmux_logins_total").await, 0);
+    no_offline_flap(&mut b, &a);
+}
+
+both!(a_graceful_stop_hands_sessions_over_and_redis_emptied_costs_nothing);
+async fn a_graceful_stop_hands_sessions_over_and_redis_emptied_costs_nothing(p: Server) {
+    let url = redis_db(&p, 11).await;
+    let (a, _) = p.user("g49a");
+    let a_full = format!("{a}/boshmux");
+    let mut n1 = node(&p, &url, "n1").await;
+    let n2 = node(&p, &url, "n2").await;
+    let h = n1.daemon.handoff("g49a", "pw-g49a").await;
+    let mut on1 = n1.daemon.page("g49a", &h.token).await;
+    on1.send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g49b", "b").await;
+    sees_available(&mut b, &a_full).await;
+
+    // Graceful stop of the owner: its page is told to reconnect, n2 takes the session at once.
+    let stopped_at = tokio::time::Instant::now();
+    n1.term();
+    assert_eq!(on1.closed().await.code, 1012);
+    assert!(n1.wait_exit().await.success());
+    let mut on2 = page_when_ready(&n2, "g49a", &h.token).await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(2),
+        "handed over in {:?}: faster than a lease",
+        stopped_at.elapsed()
+    );
+    assert_eq!(owner_via(&n2, &a.to_string()).await.as_deref(), Some("n2"));
+    b.handle
+        .send(chat(&a.to_string(), "handed over"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&on2.next_message().await).as_deref(),
+        Some("handed over")
+    );
+
+    // Redis restarted empty: the session carries on, and is written back by its owner.
+    let mut c = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await.unwrap();
+    b.handle
+        .send(chat(&a.to_string(), "store emptied"))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_text(&on2.next_message().await).as_deref(),
+        Some("store emptied")
+    );
+    eventually("the owner writes the session back", LIMIT, || async {
+        let mut c = c.clone();
+        let owner: Option<String> = redis::cmd("HGET")
+            .arg(format!("boshmux:session:{a}"))
+            .arg("owner")
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        owner.filter(|o| o.starts_with("n2#"))
+    })
+    .await;
+    // The token works on a node started after the loss (it was written back too).
+    let n3 = node(&p, &url, "n3").await;
+    let mut on3 = n3.daemon.page("g49a", &h.token).await;
+    on3.sync().await;
+    b.handle
+        .send(chat(&a.to_string(), "to both"))
+        .await
+        .unwrap();
+    for page in [&mut on2, &mut on3] {
+        assert_eq!(
+            body_text(&page.next_message().await).as_deref(),
+            Some("to both")
+        );
+    }
+    assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full));
+    assert_eq!(n2.counter("boshmux_logins_total").await, 0);
+    no_offline_flap(&mut b, &a);
+}

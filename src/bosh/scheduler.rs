@@ -649,6 +649,7 @@ impl Scheduler {
             if fenced.load(Ordering::SeqCst) {
                 return Outcome::Fenced(None);
             }
+            metrics.upstream_posts.fetch_add(1, Ordering::Relaxed);
             let sent_at = Instant::now();
             let result = transport.post(bytes, timeout).await;
             Outcome::Posted(Reply {
@@ -669,6 +670,7 @@ impl Scheduler {
         let timeout = self.request_timeout;
         let fenced = self.fenced.clone();
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         self.tasks.spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -680,6 +682,7 @@ impl Scheduler {
             if fenced.load(Ordering::SeqCst) {
                 return Outcome::Fenced(None);
             }
+            metrics.upstream_posts.fetch_add(1, Ordering::Relaxed);
             let sent_at = Instant::now();
             let result = transport.post(bytes, timeout).await;
             Outcome::Posted(Reply {
@@ -896,8 +899,12 @@ impl Scheduler {
     /// running until then: one aborted before it reached the server would leave a gap in the rids,
     /// and the server would hold the terminate waiting for it.
     async fn terminate(&mut self, farewell: Vec<Element>) {
-        if self.fenced.load(Ordering::SeqCst) {
-            // The session is another owner's: ending it would end theirs.
+        // The session may be another owner's (this node was paused past its lease): ending it
+        // would end theirs.
+        if self.fenced.load(Ordering::SeqCst)
+            || matches!(self.store.confirm().await, Err(StoreError::Fenced { .. }))
+        {
+            self.fenced.store(true, Ordering::SeqCst);
             self.tasks.abort_all();
             return;
         }
@@ -909,6 +916,7 @@ impl Scheduler {
         let rid = self.next_rid;
         self.next_rid += 1;
         let bytes = body::terminate_bytes(rid, &self.sid, &payload);
+        self.metrics.upstream_posts.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.transport.post(bytes, self.request_timeout).await {
             tracing::debug!(error = ?e, "terminate request failed; the server will time the session out");
         }

@@ -32,11 +32,15 @@ pub fn relayed(
     owner: Member,
     api_key: String,
     queue_limit: usize,
+    live: Live,
 ) -> SessionHandle {
     let (handle, commands) = SessionHandle::relayed(bare.clone(), registry.next_id());
-    tokio::spawn(run(commands, bare, owner, api_key, queue_limit));
+    tokio::spawn(run(commands, bare, owner, api_key, queue_limit, live));
     handle
 }
+
+/// The cluster's live members, as its heartbeat last saw them.
+pub type Live = tokio::sync::watch::Receiver<std::sync::Arc<Vec<String>>>;
 
 /// The reason shown with close code `code` (a page sees the code; the text is for logs).
 fn reason(code: u16) -> &'static str {
@@ -56,6 +60,7 @@ async fn run(
     owner: Member,
     api_key: String,
     queue_limit: usize,
+    mut live: Live,
 ) {
     let Some(Relayed::Attach { link, reply }) = commands.next().await else {
         return;
@@ -133,6 +138,16 @@ async fn run(
     let close = |code: u16| PageOut::Close(code, reason(code));
     loop {
         tokio::select! {
+            // An owner that lost its lease (frozen, cut off) keeps its sockets open: the page
+            // goes to whoever adopts the session rather than wait on it.
+            changed = live.changed() => {
+                let gone = changed.is_err() || !live.borrow_and_update().contains(&owner.id);
+                if gone {
+                    tracing::debug!(user = %bare, owner = %owner.id, "cluster: the owner left; the page reconnects");
+                    let _ = link.tx.send(close(RESTARTING));
+                    return;
+                }
+            }
             command = commands.next() => match command {
                 Some(Relayed::FromPage(stanza)) => {
                     if ws.send(Message::text(stanza.to_xml())).await.is_err() {

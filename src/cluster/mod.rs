@@ -47,6 +47,9 @@ pub struct Cluster {
     page_queue_bytes: usize,
     /// Whether the node is being stopped: nothing is adopted any more.
     stopping: CancellationToken,
+    /// The live members as of the last beat: a relayed page whose owner left it goes to
+    /// whoever adopts the session.
+    live: tokio::sync::watch::Sender<Arc<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -83,6 +86,7 @@ impl Cluster {
             api_key,
             page_queue_bytes,
             stopping: CancellationToken::new(),
+            live: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
         })
     }
 
@@ -139,17 +143,25 @@ impl Cluster {
             // A pause longer than the lease (SIGSTOP, a frozen VM) means others may have
             // adopted: renewing would find the key gone, and the sessions must go first.
             let member = self.member();
-            let renewed = if last_beat.elapsed() > self.lease {
+            let paused = last_beat.elapsed() > self.lease;
+            let renewed = if paused {
                 Ok(false)
             } else {
                 self.redis.beat(&member, &self.url, self.lease, true).await
             };
             match renewed {
                 Ok(true) => last_beat = Instant::now(),
-                Ok(false) => {
+                Ok(false) if paused => {
                     self.lost_lease().await;
                     last_beat = Instant::now();
                     continue;
+                }
+                Ok(false) => {
+                    // Renewed less than a lease ago, and the key is gone: the store lost its
+                    // data (Redis restarted empty). Nobody can have adopted anything: this
+                    // node registers again and writes back what it drives (SPEC §12).
+                    self.store_lost().await;
+                    last_beat = Instant::now();
                 }
                 Err(e) => {
                     // Sessions carry on without Redis (SPEC §12); the log says so once a minute.
@@ -160,6 +172,17 @@ impl Cluster {
                     last_beat = Instant::now();
                     continue;
                 }
+            }
+            if let Ok(members) = self.redis.members().await {
+                let mut ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
+                ids.sort_unstable();
+                self.live.send_if_modified(|live| {
+                    let changed = **live != ids;
+                    if changed {
+                        *live = Arc::new(ids);
+                    }
+                    changed
+                });
             }
             if let Err(e) = self.adopt_orphans(ADOPT_BATCH).await {
                 tracing::debug!(error = %e, "orphaned sessions not looked up");
@@ -184,6 +207,29 @@ impl Cluster {
         if let Err(e) = self.redis.beat(&member, &self.url, self.lease, false).await {
             tracing::warn!(error = %e, "cluster: not registered again yet");
         }
+    }
+
+    /// The store lost this node's lease while it was renewing it: register again, and have
+    /// every session write its record back.
+    async fn store_lost(&self) {
+        let sessions = self.registry.all();
+        tracing::warn!(
+            sessions = sessions.len(),
+            "the cluster store lost this node's lease (Redis restarted empty?); writing back the sessions it drives"
+        );
+        let member = self.member();
+        if let Err(e) = self.redis.beat(&member, &self.url, self.lease, false).await {
+            tracing::warn!(error = %e, "cluster: not registered again yet");
+            return;
+        }
+        for s in sessions {
+            s.resync();
+        }
+        let registry = &self.registry;
+        registry
+            .tokens
+            .write_back(|bare| registry.get(bare).is_some())
+            .await;
     }
 
     /// Adopts up to `limit` orphaned sessions; how many it started to take over.
@@ -280,12 +326,13 @@ impl Elsewhere for Cluster {
         let api_key = self.api_key.clone();
         let queue = self.page_queue_bytes;
         let adopting = !self.stopping.is_cancelled();
+        let live = self.live.subscribe();
         Box::pin(async move {
             let bare_s = bare.to_string();
             for _ in 0..2 {
                 match redis.locate(&bare_s, &member, None).await.ok()? {
                     Located::Remote(owner) => {
-                        return Some(link::relayed(&registry, bare, owner, api_key, queue));
+                        return Some(link::relayed(&registry, bare, owner, api_key, queue, live));
                     }
                     Located::Orphan | Located::Mine if adopting => {
                         let record = redis.read(&bare_s).await.ok()??;

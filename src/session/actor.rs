@@ -92,6 +92,7 @@ fn start(
         recover,
         dirty: false,
         caches_at: None,
+        handed_on: 0,
     };
     tokio::spawn(actor.run());
     handle
@@ -116,6 +117,8 @@ struct Actor {
     dirty: bool,
     /// When changed caches are written if no upstream response writes them first.
     caches_at: Option<Instant>,
+    /// The highest rid whose response was handed on (what a record written back names).
+    handed_on: u64,
 }
 
 /// How the running session ended: pages are closed with this code and reason; upstream is
@@ -155,6 +158,7 @@ impl Actor {
             }
         };
         tracing::info!(user = %self.bare, "session established");
+        self.handed_on = session.handle.next_rid().saturating_sub(1);
         self.deps.metrics.logins.fetch_add(1, Ordering::Relaxed);
         let settings = &self.deps.settings;
         let mux = Mux::new(
@@ -198,6 +202,7 @@ impl Actor {
             }
             return self.fail(LoginFailure::Damaged);
         };
+        self.handed_on = record.handed_on;
         let session = match self.deps.client.resume(&record, store.clone()) {
             Ok(s) => s,
             Err(e) => {
@@ -349,6 +354,7 @@ impl Actor {
         }
         self.record(session, Write::HandedOn { rid, caches })
             .await?;
+        self.handed_on = rid;
         session.handle.handed_on(rid);
         self.apply(effects, mux, session, live);
         Ok(())
@@ -409,6 +415,24 @@ impl Actor {
                             }
                         }
                         Command::Detach { page } => self.detach(page, mux, &session, live),
+                        Command::Resync => {
+                            let meta = SessionMeta {
+                                jid: session.jid.to_string(),
+                                params: session.params.clone(),
+                                attached: matches!(self.creds, Credentials::Attach { .. }),
+                                created: self
+                                    .info
+                                    .lock()
+                                    .created
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_secs()),
+                            };
+                            let caches = Self::caches(mux, Vec::new());
+                            let handed_on = self.handed_on;
+                            if let Err(e) = session.store.restore(meta.encode(), caches, handed_on).await {
+                                tracing::warn!(user = %self.bare, error = %e, "session record not written back");
+                            }
+                        }
                         Command::Logout { done } => {
                             tracing::info!(user = %self.bare, "logout");
                             self.deps.tokens.revoke(&self.bare);
@@ -495,6 +519,7 @@ impl Actor {
                         Ok(Ok(Relogged { session: new, creds })) => {
                             tracing::info!(user = %self.bare, "upstream session restored");
                             session = new;
+                            self.handed_on = session.handle.next_rid().saturating_sub(1);
                             // A password from the web app is held like a handed-off one: the
                             // next loss needs no call.
                             let attached = !matches!(creds, Credentials::Password { .. });

@@ -220,6 +220,8 @@ pub(crate) enum Command {
     Suspend {
         done: oneshot::Sender<bool>,
     },
+    /// The store lost its data (SPEC §12: Redis restarted empty): write the record back.
+    Resync,
 }
 
 /// What a page asks of a session that another node drives (SPEC §12), as the relay to that
@@ -259,6 +261,7 @@ impl RelayedCommands {
                     let _ = done.send(false);
                     continue;
                 }
+                Command::Resync => continue,
             });
         }
     }
@@ -354,6 +357,11 @@ impl SessionHandle {
             ready,
         };
         (handle, RelayedCommands(rx))
+    }
+
+    /// Writes the session's record back to a store that lost it (SPEC §12); fire and forget.
+    pub fn resync(&self) {
+        let _ = self.tx.try_send(Command::Resync);
     }
 
     /// True once the actor has ended.

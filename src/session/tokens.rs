@@ -23,6 +23,9 @@ struct Entry {
     expires: Instant,
     /// The expiry the store has (tokens slide; the store is told when it lags by a quarter TTL).
     stored_expires: Instant,
+    /// Issued by another node and seen in the shared store (SPEC §12): trusted only while the
+    /// store cannot be asked, and kept so that it can be written back if the store loses it.
+    shadow: bool,
 }
 
 /// Tokens and tickets of every session of one daemon.
@@ -59,6 +62,7 @@ impl Tokens {
                 bare: bare.to_bare(),
                 expires,
                 stored_expires: expires,
+                shadow: false,
             };
             match c.kind {
                 CredentialKind::Token => self.tokens.lock().insert(c.hash, entry),
@@ -85,7 +89,7 @@ impl Tokens {
         let (bare, persist) = {
             let mut tokens = self.tokens.lock();
             let e = tokens.get_mut(&h)?;
-            if e.expires <= now {
+            if e.expires <= now || e.shadow {
                 return None;
             }
             e.expires = now + self.token_ttl;
@@ -122,12 +126,34 @@ impl Tokens {
             return Some(bare);
         }
         self.store.shared()?;
+        let h = hash(token);
         let found = self
             .store
-            .find_credential(CredentialKind::Token, hash(token), false)
+            .find_credential(CredentialKind::Token, h, false)
             .await;
-        let c = Self::found(found)?;
+        let c = match found {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                self.tokens.lock().remove(&h);
+                return None;
+            }
+            Err(e) => {
+                // The store is out of reach: a token seen there before still opens pages, as
+                // sessions carry on without Redis.
+                tracing::warn!(error = %e, "token not looked up in the store");
+                let tokens = self.tokens.lock();
+                let e = tokens.get(&h).filter(|e| e.expires > Instant::now())?;
+                return Some(e.bare.clone());
+            }
+        };
         let bare = Jid::parse(&c.bare).ok()?.to_bare();
+        let expires = Instant::now() + Duration::from_secs(c.expires_at.saturating_sub(unix_now()));
+        self.tokens.lock().entry(h).or_insert(Entry {
+            bare: bare.clone(),
+            expires,
+            stored_expires: expires,
+            shadow: true,
+        });
         // Sliding expiry, as for a token known here: written once it lags by a quarter.
         let renewed = unix_now() + self.token_ttl.as_secs();
         if renewed.saturating_sub(c.expires_at) > self.token_ttl.as_secs() / 4 {
@@ -163,13 +189,32 @@ impl Tokens {
         }
     }
 
-    fn found(r: Result<Option<Credential>, StoreError>) -> Option<Credential> {
-        match r {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "credential not looked up in the store");
-                None
+    /// Writes every live token and ticket this process knows of users `keep` names back to the
+    /// store (after the store lost its data; SPEC §12), with the expiry each has here: those
+    /// issued here, and those of other nodes seen in the store.
+    pub async fn write_back(&self, keep: impl Fn(&Jid) -> bool) {
+        let now = Instant::now();
+        let unix = unix_now();
+        let mut all = Vec::new();
+        for (kind, map) in [
+            (CredentialKind::Token, &self.tokens),
+            (CredentialKind::Ticket, &self.tickets),
+        ] {
+            for (h, e) in map
+                .lock()
+                .iter()
+                .filter(|(_, e)| e.expires > now && keep(&e.bare))
+            {
+                all.push(Credential {
+                    kind,
+                    hash: *h,
+                    bare: e.bare.to_string(),
+                    expires_at: unix + e.expires.duration_since(now).as_secs(),
+                });
             }
+        }
+        for c in all {
+            warn_on_error(self.store.put_credential(c).await);
         }
     }
 
@@ -205,6 +250,7 @@ impl Tokens {
                     bare: bare.clone(),
                     expires: now + ttl,
                     stored_expires: now + ttl,
+                    shadow: false,
                 },
             );
         }

@@ -202,6 +202,21 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (kind, hash, take);
         Box::pin(async { Ok(None) })
     }
+    /// Writes `bare`'s record back at `epoch` (meta, caches, `handed_on`, no requests) if the
+    /// store has none: what an owner does when the store lost its data (Redis restarted
+    /// empty; SPEC §12) so that its sessions can fail over again. A record that exists is left
+    /// alone. Stores of one process do nothing.
+    fn restore(
+        &self,
+        bare: &str,
+        epoch: u64,
+        meta: Bytes,
+        caches: Bytes,
+        handed_on: u64,
+    ) -> StoreFuture<()> {
+        let _ = (bare, epoch, meta, caches, handed_on);
+        Box::pin(async { Ok(()) })
+    }
     /// Checks, without writing, that `epoch` is still `bare`'s ([`StoreError::Fenced`] if not):
     /// what a request re-sent without a new write-ahead record asks first (SPEC §12). Stores
     /// of one process, where nothing else changes epochs, answer `Ok` without looking.
@@ -399,6 +414,22 @@ impl SessionStore {
     /// Removes the record and the session's credentials (logout, session over).
     pub async fn remove(&self) -> Result<(), StoreError> {
         self.store.backend.remove(&self.bare, self.epoch).await
+    }
+
+    /// Writes the record back if the store lost it ([`Backend::restore`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn restore(
+        &self,
+        meta: Bytes,
+        caches: Bytes,
+        handed_on: u64,
+    ) -> Result<(), StoreError> {
+        self.store
+            .backend
+            .restore(&self.bare, self.epoch, meta, caches, handed_on)
+            .await
     }
 
     /// Checks that this handle's epoch is still the session's ([`Backend::confirm`]).

@@ -52,15 +52,22 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keys read per round trip by [`Backend::load`].
 const LOAD_BATCH: usize = 256;
 
-/// Checks the epoch of `KEYS[1]` (session hash); on success falls through to the caller's code.
-/// Answers `fenced` (no session) or `fenced:N` (its epoch is N).
+/// Checks the epoch of `KEYS[1]` (session hash) against `ARGV[1]`; on success falls through to
+/// the caller's code. Answers `fenced:N` (its epoch is N), `fenced` (no session, and the last
+/// epoch, in the last key, is above the writer's: it was taken over and removed), or `lost`
+/// (no session and no later epoch: the store lost its data — Redis restarted empty — and the
+/// writer carries on; SPEC §12).
 const CHECK_EPOCH: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'epoch')
-if not cur then return 'fenced' end
+if not cur then
+  local last = redis.call('GET', KEYS[#KEYS])
+  if last and tonumber(last) > tonumber(ARGV[1]) then return 'fenced' end
+  return 'lost'
+end
 if tonumber(cur) ~= tonumber(ARGV[1]) then return 'fenced:' .. cur end
 ";
 
-/// KEYS: session, requests. ARGV: epoch, kind (`request` | `handed_on` | `caches` | `meta`),
+/// KEYS: session, requests, last epoch. ARGV: epoch, kind (`request` | `handed_on` | `caches` | `meta`),
 /// rid / mark / restart_at (`''` for none), bytes, `'1'` when a `handed_on` carries caches.
 /// The rules of `memory::change`, in its order: clear, drop through the mark, mark, insert,
 /// meta, caches. Rids are compared as numbers (below 2^53, exact in Lua) but written as the
@@ -144,9 +151,11 @@ own(redis.call('HGET', KEYS[1], 'owner'), ARGV[2], ARGV[3], ARGV[4])
 return 'epoch:' .. string.format('%d', epoch)
 ";
 
-/// KEYS: session, requests, credential index. ARGV: epoch, credential key prefix, key prefix,
-/// bare. The last epoch stays.
+/// KEYS: session, requests, credential index, last epoch. ARGV: epoch, credential key prefix,
+/// key prefix, bare. The last epoch stays, one above the removed record's: a late write at the
+/// removed epoch is refused as fenced, not taken for a store that lost its data.
 const REMOVE: &str = r"
+redis.call('SET', KEYS[4], string.format('%d', tonumber(ARGV[1]) + 1))
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   redis.call('DEL', ARGV[2] .. m)
 end
@@ -253,6 +262,9 @@ fn answer(s: &str) -> Result<Answer, StoreError> {
     match s.split_once(':') {
         None if s == "ok" => Ok(Answer::Ok),
         None if s == "fenced" => Ok(Answer::Fenced(None)),
+        None if s == "lost" => Err(StoreError::Unavailable(
+            "the session's record is gone from Redis (restarted empty?)".into(),
+        )),
         Some(("fenced", n)) => Ok(Answer::Fenced(Some(n.parse().map_err(|_| bad())?))),
         Some(("epoch", n)) => Ok(Answer::Epoch(n.parse().map_err(|_| bad())?)),
         _ => Err(bad()),
@@ -611,7 +623,7 @@ impl Backend for RedisStore {
 
     fn write(&self, bare: &str, epoch: u64, write: Write) -> StoreFuture<()> {
         let k = self.keys();
-        let keys = vec![k.session(bare), k.requests(bare)];
+        let keys = vec![k.session(bare), k.requests(bare), k.epoch(bare)];
         let (kind, n, bytes, flag): (&str, Option<u64>, Bytes, bool) = match write {
             Write::Request { rid, bytes } => ("request", Some(rid), bytes, false),
             Write::HandedOn { rid, caches } => {
@@ -634,7 +646,12 @@ impl Backend for RedisStore {
 
     fn remove(&self, bare: &str, epoch: u64) -> StoreFuture<()> {
         let k = self.keys();
-        let keys = vec![k.session(bare), k.requests(bare), k.index(bare)];
+        let keys = vec![
+            k.session(bare),
+            k.requests(bare),
+            k.index(bare),
+            k.epoch(bare),
+        ];
         let args = vec![
             num(epoch),
             k.cred_prefix().into_bytes(),
@@ -709,6 +726,34 @@ return {bare, at}
                 expires_at,
             }))
         })
+    }
+
+    fn restore(
+        &self,
+        bare: &str,
+        epoch: u64,
+        meta: Bytes,
+        caches: Bytes,
+        handed_on: u64,
+    ) -> StoreFuture<()> {
+        /// KEYS: session, requests, last epoch. ARGV: [`OWN`]'s, epoch, meta, caches, handed_on.
+        const RESTORE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'ok' end
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+if last < tonumber(ARGV[4]) then redis.call('SET', KEYS[3], ARGV[4]) end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'meta', ARGV[5], 'caches', ARGV[6],
+  'handed_on', ARGV[7])
+own(nil, ARGV[1], ARGV[2], ARGV[3])
+return 'ok'
+";
+        let k = self.keys();
+        let keys = vec![k.session(bare), k.requests(bare), k.epoch(bare)];
+        let mut args: Vec<Vec<u8>> = self.own_args(bare).into();
+        args.extend([num(epoch), meta.to_vec(), caches.to_vec(), num(handed_on)]);
+        static SCRIPT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| format!("{OWN}{RESTORE}"));
+        let call = self.eval::<String>(script, keys, args);
+        Box::pin(async move { call.await.map(|_| ()) })
     }
 
     fn confirm(&self, bare: &str, epoch: u64) -> StoreFuture<()> {

@@ -85,11 +85,9 @@ end
 return out
 ";
 
-/// KEYS: session. ARGV: epoch. `ok` while `epoch` is the session's, else `fenced[:N]`.
+/// KEYS: session, last epoch. ARGV: epoch. `ok` while `epoch` is the session's, else what
+/// [`super::CHECK_EPOCH`] answers.
 const CONFIRM: &str = r"
-local cur = redis.call('HGET', KEYS[1], 'epoch')
-if not cur then return 'fenced' end
-if tonumber(cur) ~= tonumber(ARGV[1]) then return 'fenced:' .. cur end
 return 'ok'
 ";
 
@@ -323,8 +321,13 @@ return 'ok'
 
     /// Checks that `epoch` is still `bare`'s: [`StoreError::Fenced`] otherwise.
     pub(super) fn confirm_epoch(&self, bare: &str, epoch: u64) -> StoreFuture<()> {
-        let keys = vec![format!("{}session:{bare}", self.prefix)];
-        let call = self.eval::<String>(CONFIRM, keys, vec![epoch.to_string().into_bytes()]);
+        let keys = vec![
+            format!("{}session:{bare}", self.prefix),
+            format!("{}epoch:{bare}", self.prefix),
+        ];
+        static SCRIPT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| format!("{}{CONFIRM}", super::CHECK_EPOCH));
+        let call = self.eval::<String>(script, keys, vec![epoch.to_string().into_bytes()]);
         Box::pin(async move {
             match super::answer(&call.await?)? {
                 super::Answer::Fenced(current) => Err(StoreError::Fenced { current }),
