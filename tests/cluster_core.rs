@@ -305,11 +305,10 @@ async fn a_frozen_owner_wakes_fenced_and_sends_nothing(p: Server) {
             .await
             .unwrap();
     }
-    let adopted = eventually("n2 adopts the session", LIMIT, || async {
+    eventually("n2 adopts the session", LIMIT, || async {
         (owner_via(&n2, &a.to_string()).await.as_deref() == Some("n2")).then_some(())
     })
     .await;
-    let _ = adopted;
     match on2.next_text(LIMIT).await {
         Some(Err(closed)) => assert_eq!(closed.code, 1012, "the relayed page reconnects"),
         other => {
