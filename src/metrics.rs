@@ -63,6 +63,16 @@ pub struct Metrics {
     /// HTTP requests actually posted upstream (new ones and resends), counted once the
     /// write-ahead record or the epoch check let them go: what a fenced node must never add to.
     pub upstream_posts: AtomicU64,
+    /// Sessions this node adopted from a dead or departed cluster node (SPEC §12).
+    pub cluster_adoptions: AtomicU64,
+    /// Times this node found its cluster lease lost and let its sessions go.
+    pub cluster_leases_lost: AtomicU64,
+    /// Times the cluster store was found emptied and this node wrote its sessions back.
+    pub cluster_store_lost: AtomicU64,
+    /// API requests sent on to the node that owns the session.
+    pub cluster_forwarded: AtomicU64,
+    /// Pages on this node relayed to a session another node drives, now.
+    pub cluster_relayed_pages: AtomicU64,
     /// Held upstream requests cut by something in between and resent (SPEC §7); not retries.
     pub upstream_cuts: AtomicU64,
     /// Stanzas received from upstream.
@@ -134,7 +144,33 @@ impl Metrics {
             "Pages (WebSockets) attached.",
             pages,
         );
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        gauge(
+            &mut out,
+            "boshmux_cluster_relayed_pages",
+            "Pages on this node relayed to a session another cluster node drives.",
+            self.cluster_relayed_pages.load(Ordering::Relaxed) as usize,
+        );
+        let counters: [(&str, &str, &AtomicU64); 18] = [
+            (
+                "boshmux_cluster_adoptions_total",
+                "Sessions adopted from a dead or departed cluster node.",
+                &self.cluster_adoptions,
+            ),
+            (
+                "boshmux_cluster_leases_lost_total",
+                "Times this node found its cluster lease lost and let its sessions go.",
+                &self.cluster_leases_lost,
+            ),
+            (
+                "boshmux_cluster_store_lost_total",
+                "Times the cluster store was found emptied and the sessions written back.",
+                &self.cluster_store_lost,
+            ),
+            (
+                "boshmux_cluster_forwarded_total",
+                "API requests sent on to the node that owns the session.",
+                &self.cluster_forwarded,
+            ),
             (
                 "boshmux_upstream_posts_total",
                 "HTTP requests posted upstream (new and resent), after the store let them go.",

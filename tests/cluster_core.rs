@@ -164,6 +164,14 @@ async fn pages_on_every_node_share_one_upstream_session(p: Server) {
         std::slice::from_ref(&a_full),
         "still one session"
     );
+    // Per-node and cluster figures.
+    assert_eq!(n1.counter("boshmux_cluster_relayed_pages").await, 0);
+    assert_eq!(n2.counter("boshmux_cluster_relayed_pages").await, 1);
+    assert_eq!(n3.counter("boshmux_cluster_nodes").await, 3);
+    assert_eq!(n3.counter("boshmux_cluster_sessions{node=\"n1\"}").await, 1);
+    assert_eq!(n3.counter("boshmux_cluster_sessions{node=\"n3\"}").await, 0);
+    assert_eq!(n1.counter("boshmux_cluster_forwarded_total").await, 0);
+    assert!(n2.counter("boshmux_cluster_forwarded_total").await >= 1, "n2 forwarded the hand-off");
     assert_eq!(
         n2.counter("boshmux_logins_total").await,
         0,
@@ -263,6 +271,12 @@ async fn the_owners_kill_9_costs_no_login_no_flap_and_no_message(p: Server) {
     assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full));
     assert_eq!(n2.counter("boshmux_logins_total").await, 0);
     assert_eq!(n3.counter("boshmux_logins_total").await, 0);
+    assert_eq!(
+        n2.counter("boshmux_cluster_adoptions_total").await
+            + n3.counter("boshmux_cluster_adoptions_total").await,
+        1,
+        "one survivor adopted the session"
+    );
     // Messages flow after the failover, both ways.
     on3.send(&chat(&p.user("g47b").0.to_string(), "after"))
         .await;

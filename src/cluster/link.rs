@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use crate::metrics::Metrics;
 use crate::page::Frame;
 use crate::page::close::{LOST, NORMAL, RESTARTING, REVOKED, SLOW, TOO_MANY_PAGES};
 use crate::session::{AttachError, PageOut, Registry, Relayed, SessionHandle};
@@ -35,7 +36,10 @@ pub fn relayed(
     live: Live,
 ) -> SessionHandle {
     let (handle, commands) = SessionHandle::relayed(bare.clone(), registry.next_id());
-    tokio::spawn(run(commands, bare, owner, api_key, queue_limit, live));
+    let metrics = registry.metrics.clone();
+    tokio::spawn(async move {
+        run(commands, bare, owner, api_key, queue_limit, live, &metrics).await;
+    });
     handle
 }
 
@@ -61,6 +65,7 @@ async fn run(
     api_key: String,
     queue_limit: usize,
     mut live: Live,
+    metrics: &Metrics,
 ) {
     let Some(Relayed::Attach { link, reply }) = commands.next().await else {
         return;
@@ -135,6 +140,25 @@ async fn run(
         let _ = ws.close(None).await;
         return;
     }
+    metrics.cluster_relayed_pages.fetch_add(1, Ordering::Relaxed);
+    relay(&mut commands, &mut ws, &link, queue_limit, &mut live, &owner, &bare).await;
+    metrics.cluster_relayed_pages.fetch_sub(1, Ordering::Relaxed);
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Carries the page's stanzas to the owner and the owner's frames to the page, until either
+/// ends or the owner leaves the cluster.
+async fn relay(
+    commands: &mut crate::session::RelayedCommands,
+    ws: &mut Socket,
+    link: &crate::session::PageLink,
+    queue_limit: usize,
+    live: &mut Live,
+    owner: &Member,
+    bare: &Jid,
+) {
     let close = |code: u16| PageOut::Close(code, reason(code));
     loop {
         tokio::select! {

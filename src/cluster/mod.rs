@@ -18,6 +18,7 @@
 pub mod link;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -88,6 +89,11 @@ impl Cluster {
             stopping: CancellationToken::new(),
             live: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
         })
+    }
+
+    /// The daemon's counters.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.registry.metrics
     }
 
     /// This node's configured name.
@@ -195,6 +201,10 @@ impl Cluster {
     /// node joins again as a new member; what it owned is adopted by whoever comes first.
     async fn lost_lease(&self) {
         let sessions = self.registry.all();
+        self.registry
+            .metrics
+            .cluster_leases_lost
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             sessions = sessions.len(),
             "cluster lease lost (this node was paused or cut off longer than the lease); letting its sessions go"
@@ -213,6 +223,10 @@ impl Cluster {
     /// every session write its record back.
     async fn store_lost(&self) {
         let sessions = self.registry.all();
+        self.registry
+            .metrics
+            .cluster_store_lost
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             sessions = sessions.len(),
             "the cluster store lost this node's lease (Redis restarted empty?); writing back the sessions it drives"
@@ -257,7 +271,7 @@ impl Cluster {
             return Ok(None);
         };
         tracing::info!(user = %bare, "adopting a session whose owner is gone");
-        Ok(self.registry.recover_one(record))
+        Ok(self.registry.adopt(record))
     }
 
     /// Where `bare`'s session is driven; with `claim`, and no session anywhere, this node
@@ -290,6 +304,14 @@ impl Cluster {
     /// [`StoreError::Unavailable`].
     pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
         self.redis.members().await
+    }
+
+    /// Sessions owned per live node, by node id (for `/metrics` and `/status`).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn census(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        self.redis.census().await
     }
 
     /// The node id owning `bare`'s session, if it has a record.
@@ -336,7 +358,7 @@ impl Elsewhere for Cluster {
                     }
                     Located::Orphan | Located::Mine if adopting => {
                         let record = redis.read(&bare_s).await.ok()??;
-                        let handle = registry.recover_one(record)?;
+                        let handle = registry.adopt(record)?;
                         if matches!(handle.ready().await, Readiness::Ready(_)) {
                             return Some(handle);
                         }

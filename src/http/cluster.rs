@@ -174,6 +174,7 @@ async fn forward(
     }
     match req.send().await {
         Ok(resp) => {
+            cluster_metrics(cluster);
             let status = resp.status();
             let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
             let body = resp.bytes().await.unwrap_or_default();
@@ -195,6 +196,13 @@ async fn forward(
                 .into_response()
         }
     }
+}
+
+fn cluster_metrics(cluster: &Cluster) {
+    cluster
+        .metrics()
+        .cluster_forwarded
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The HTTP client nodes talk to each other with (no redirects, no proxy from the environment).

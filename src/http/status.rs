@@ -18,7 +18,10 @@ use super::api::constant_time_eq;
 pub async fn metrics(State(st): State<AppState>) -> Response {
     let sessions = st.registry.all();
     let pages = sessions.iter().map(|s| s.info().pages).sum();
-    let body = st.registry.metrics.render(sessions.len(), pages);
+    let mut body = st.registry.metrics.render(sessions.len(), pages);
+    if let Some(cluster) = st.cluster() {
+        cluster_metrics(&mut body, cluster).await;
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -43,10 +46,39 @@ const PAGE_HEADERS: [(header::HeaderName, &str); 4] = [
 
 /// The status page.
 pub async fn status(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    (PAGE_HEADERS, status_page(&st, &headers)).into_response()
+    let census = match st.cluster() {
+        Some(c) => Some(c.census().await.unwrap_or_default()),
+        None => None,
+    };
+    (PAGE_HEADERS, status_page(&st, &headers, census)).into_response()
 }
 
-fn status_page(st: &AppState, headers: &HeaderMap) -> Response {
+/// The cluster's figures (SPEC §12): live nodes, and the sessions each owns.
+async fn cluster_metrics(out: &mut String, cluster: &crate::cluster::Cluster) {
+    use std::fmt::Write as _;
+    let Ok(census) = cluster.census().await else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "# HELP boshmux_cluster_nodes Live nodes of the cluster.\n# TYPE boshmux_cluster_nodes gauge\nboshmux_cluster_nodes {}",
+        census.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP boshmux_cluster_sessions Sessions each live node of the cluster drives.\n# TYPE boshmux_cluster_sessions gauge"
+    );
+    for (node, n) in census {
+        let node = node.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(out, "boshmux_cluster_sessions{{node=\"{node}\"}} {n}");
+    }
+}
+
+fn status_page(
+    st: &AppState,
+    headers: &HeaderMap,
+    census: Option<Vec<(String, usize)>>,
+) -> Response {
     let expected = st.config.api_key.as_deref().unwrap_or_default();
     if !authorized(headers, expected) {
         return (
@@ -73,7 +105,7 @@ fn status_page(st: &AppState, headers: &HeaderMap) -> Response {
         let _ = writeln!(
             rows,
             "<tr><td class=jid>{}</td><td><span class=\"pill {state_class}\">{}</span>{}</td><td class=num>{}</td>\
-             <td class=num>{}</td><td>{}</td><td>{}</td><td class=num>{} / {}</td><td class=num>{}</td><td class=num>{}</td></tr>",
+             <td class=num>{}</td><td>{}</td><td>{}</td><td class=num>{} / {}</td><td class=num>{}</td><td class=num>{}</td><td>{}</td></tr>",
             escape(s.jid.as_deref().unwrap_or("—")),
             s.upstream,
             if s.attached {
@@ -90,20 +122,33 @@ fn status_page(st: &AppState, headers: &HeaderMap) -> Response {
             s.stanzas_out,
             s.buffered,
             s.relogins,
+            escape(&st.node_id),
         );
     }
     if sessions.is_empty() {
-        rows.push_str("<tr><td colspan=9 class=empty>No sessions.</td></tr>");
+        rows.push_str("<tr><td colspan=10 class=empty>No sessions.</td></tr>");
     }
+    let cluster = census.map_or_else(String::new, |census| {
+        let nodes: Vec<String> = census
+            .iter()
+            .map(|(node, n)| format!("{} ({n})", escape(node)))
+            .collect();
+        format!(
+            " · node <b>{}</b> of a cluster of {}: {}",
+            escape(&st.node_id),
+            census.len(),
+            nodes.join(", ")
+        )
+    });
     let listen = escape(&st.config.listen.to_string());
     let upstream = escape(st.config.bosh_url.as_deref().unwrap_or_default());
     Html(format!(
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>boshmux status</title>\
          <meta http-equiv=refresh content=5><style>{STYLE}</style></head><body>\
          <h1>boshmux <span>status</span></h1>\
-         <p class=summary><b>{}</b> sessions · <b>{pages}</b> pages · listening on {listen} · upstream {upstream}</p>\
+         <p class=summary><b>{}</b> sessions · <b>{pages}</b> pages · listening on {listen} · upstream {upstream}{cluster}</p>\
          <table><thead><tr><th>Session</th><th>Upstream</th><th>Pages</th><th>Next rid</th><th>Age</th>\
-         <th>Last activity</th><th>Stanzas in / out</th><th>Buffered</th><th>Re-logins</th></tr></thead>\
+         <th>Last activity</th><th>Stanzas in / out</th><th>Buffered</th><th>Re-logins</th><th>Node</th></tr></thead>\
          <tbody>{rows}</tbody></table><p class=foot>Refreshes every 5 s. Metrics: <a href=/metrics>/metrics</a></p>\
          </body></html>",
         sessions.len()

@@ -126,15 +126,29 @@ impl Registry {
     /// Takes over one stored session (SPEC §8, §12: at start, or adopted from a dead node) by
     /// an actor that resumes it; the live one if this node drives `bare` already.
     pub fn recover_one(&self, record: SessionRecord) -> Option<SessionHandle> {
+        self.take_over(record).map(|(handle, _)| handle)
+    }
+
+    /// Like [`Registry::recover_one`], for a session a dead or departed cluster node left
+    /// (SPEC §12): counted in `boshmux_cluster_adoptions_total` when an actor starts for it.
+    pub fn adopt(&self, record: SessionRecord) -> Option<SessionHandle> {
+        let (handle, created) = self.take_over(record)?;
+        if created {
+            self.metrics
+                .cluster_adoptions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Some(handle)
+    }
+
+    fn take_over(&self, record: SessionRecord) -> Option<(SessionHandle, bool)> {
         let bare = Jid::parse(&record.bare).ok()?.to_bare();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (handle, _) = self
-            .sessions
+        self.sessions
             .get_or_insert(&bare, usize::MAX, || {
                 super::actor::spawn_recovered(self.deps.clone(), id, bare.clone(), record)
             })
-            .ok()?;
-        Some(handle)
+            .ok()
     }
 
     /// Revokes every token and ticket of `bare`.

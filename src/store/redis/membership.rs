@@ -271,6 +271,31 @@ return 'ok'
         })
     }
 
+    /// Each live member's node id and how many sessions it owns.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub fn census(&self) -> StoreFuture<Vec<(String, usize)>> {
+        let members = self.members();
+        let p = self.prefix.clone();
+        let conn = self.connection();
+        Box::pin(async move {
+            let members = members.await?;
+            let mut conn = conn?;
+            let mut out = Vec::new();
+            for m in members {
+                let n: usize = redis::cmd("SCARD")
+                    .arg(format!("{p}owned:{}", m.id))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                out.push((m.node_id().to_owned(), n));
+            }
+            out.sort();
+            Ok(out)
+        })
+    }
+
     /// The owner member of `bare`'s session, if it has a record.
     ///
     /// # Errors
