@@ -96,3 +96,105 @@ async fn haproxy_spreads_requests_and_routes_around_a_frozen_or_killed_node() {
         "the two live nodes share the load: {after_kill:?} → {got:?}"
     );
 }
+
+// SPEC §12 end to end through the balancer: a user's pages sit on every node, the owner is
+// killed while a contact sends a numbered message every 250 ms; the pages reconnect through
+// HAProxy and carry on. Checked from outside: the XMPP server's view (the same single session),
+// the contact's (no offline flap), the pages' (every message reaches a page, none twice, each
+// page working again within 5 s). Redis database 13 (14 on ejabberd). Accounts: group g80.
+support::both!(through_the_balancer_the_owners_kill_9_costs_nothing);
+async fn through_the_balancer_the_owners_kill_9_costs_nothing(p: support::Server) {
+    use std::collections::{BTreeMap, HashSet};
+
+    use boshmux::xmpp::{Element, ns};
+    use support::daemon::Page;
+    use support::process::{message_body, sees_available};
+
+    const LIMIT: Duration = Duration::from_secs(20);
+    let db = if p.is_prosody() { 13 } else { 14 };
+    let mut c = Cluster::start(&p, 3, db, &[]).await;
+    let lb = c.balancer();
+    let (a, _) = p.user("g80a");
+    let a_full = format!("{a}/boshmux");
+    let h = lb.handoff("g80a", "pw-g80a").await;
+    let owner = c.index_of(&c.owner(&a.to_string()).await);
+    // One page on each node.
+    let mut pages: Vec<Page> = Vec::new();
+    for i in 0..3 {
+        let mut page = c.node(i).page("g80a", &h.token).await;
+        page.sync().await;
+        pages.push(page);
+    }
+    pages[0].send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g80b", "b").await;
+    sees_available(&mut b, &a_full).await;
+
+    let total = 40;
+    let to = a.to_string();
+    let sender = tokio::spawn(async move {
+        for i in 0..total {
+            b.handle
+                .send(support::chat(&to, &format!("m{i}")))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        b
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.kill9(owner).await;
+    let killed_at = tokio::time::Instant::now();
+
+    let mut seen: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut back = Vec::new();
+    for (i, page) in pages.iter_mut().enumerate() {
+        let mut bodies = Vec::new();
+        // Until the link or the socket breaks (an abrupt end for the killed node's page).
+        while let Some(Ok(text)) = page.next_text(LIMIT).await {
+            bodies.extend(message_body(&text));
+        }
+        *page = support::eventually("the page is back through the balancer", LIMIT, || async {
+            let mut page = Page::open(&lb, &[]).await.ok()?;
+            page.login_plain("g80a", &h.token).await.ok()?;
+            Some(page)
+        })
+        .await;
+        back.push(killed_at.elapsed());
+        seen.insert(i, bodies);
+    }
+    let mut b = sender.await.unwrap();
+    for (i, page) in pages.iter_mut().enumerate() {
+        while let Some(Ok(text)) = page.next_text(Duration::from_secs(3)).await {
+            seen.get_mut(&i).unwrap().extend(message_body(&text));
+        }
+    }
+    eprintln!("pages back {back:?} after the kill of node {owner}");
+    for (i, bodies) in &seen {
+        let unique: HashSet<&String> = bodies.iter().collect();
+        assert_eq!(unique.len(), bodies.len(), "page {i} got a message twice: {bodies:?}");
+    }
+    let all: HashSet<&String> = seen.values().flatten().collect();
+    let missing: Vec<String> = (0..total)
+        .map(|i| format!("m{i}"))
+        .filter(|m| !all.contains(m))
+        .collect();
+    assert!(missing.is_empty(), "never reached a page: {missing:?}\n{}", c.logs());
+    for t in &back {
+        assert!(*t < Duration::from_secs(5), "a page worked again only after {t:?}");
+    }
+    assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full), "the same single session");
+    while let Ok(event) = b.events.try_recv() {
+        if let boshmux::bosh::BoshEvent::Response { stanzas, .. } = event {
+            for s in stanzas {
+                let from_a = s.attr("from").is_some_and(|f| f.starts_with(&a.to_string()));
+                assert!(
+                    !(from_a && s.attr("type") == Some("unavailable")),
+                    "the contact saw the user go offline: {s}"
+                );
+            }
+        }
+    }
+    for i in (0..3).filter(|&i| i != owner) {
+        assert_eq!(c.process(i).counter("boshmux_logins_total").await, 0, "no login");
+    }
+}
