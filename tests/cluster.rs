@@ -171,22 +171,39 @@ async fn through_the_balancer_the_owners_kill_9_costs_nothing(p: support::Server
     eprintln!("pages back {back:?} after the kill of node {owner}");
     for (i, bodies) in &seen {
         let unique: HashSet<&String> = bodies.iter().collect();
-        assert_eq!(unique.len(), bodies.len(), "page {i} got a message twice: {bodies:?}");
+        assert_eq!(
+            unique.len(),
+            bodies.len(),
+            "page {i} got a message twice: {bodies:?}"
+        );
     }
     let all: HashSet<&String> = seen.values().flatten().collect();
     let missing: Vec<String> = (0..total)
         .map(|i| format!("m{i}"))
         .filter(|m| !all.contains(m))
         .collect();
-    assert!(missing.is_empty(), "never reached a page: {missing:?}\n{}", c.logs());
+    assert!(
+        missing.is_empty(),
+        "never reached a page: {missing:?}\n{}",
+        c.logs()
+    );
     for t in &back {
-        assert!(*t < Duration::from_secs(5), "a page worked again only after {t:?}");
+        assert!(
+            *t < Duration::from_secs(5),
+            "a page worked again only after {t:?}"
+        );
     }
-    assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full), "the same single session");
+    assert_eq!(
+        p.sessions_of(&a),
+        std::slice::from_ref(&a_full),
+        "the same single session"
+    );
     while let Ok(event) = b.events.try_recv() {
         if let boshmux::bosh::BoshEvent::Response { stanzas, .. } = event {
             for s in stanzas {
-                let from_a = s.attr("from").is_some_and(|f| f.starts_with(&a.to_string()));
+                let from_a = s
+                    .attr("from")
+                    .is_some_and(|f| f.starts_with(&a.to_string()));
                 assert!(
                     !(from_a && s.attr("type") == Some("unavailable")),
                     "the contact saw the user go offline: {s}"
@@ -195,6 +212,10 @@ async fn through_the_balancer_the_owners_kill_9_costs_nothing(p: support::Server
         }
     }
     for i in (0..3).filter(|&i| i != owner) {
-        assert_eq!(c.process(i).counter("boshmux_logins_total").await, 0, "no login");
+        assert_eq!(
+            c.process(i).counter("boshmux_logins_total").await,
+            0,
+            "no login"
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! more upstream and hands nothing to pages; a graceful stop hands sessions over.
 //!
 //! Redis databases 5–12 of the test Redis (scripts/redis.sh), one per test and server, emptied
-//! first. Accounts: groups g46, g47, g48, g49.
+//! first, and a private `redis-server` for the test that stops Redis. Accounts: groups g46,
+//! g47, g48, g49, g79.
 
 mod support;
 
@@ -171,7 +172,10 @@ async fn pages_on_every_node_share_one_upstream_session(p: Server) {
     assert_eq!(n3.counter("boshmux_cluster_sessions{node=\"n1\"}").await, 1);
     assert_eq!(n3.counter("boshmux_cluster_sessions{node=\"n3\"}").await, 0);
     assert_eq!(n1.counter("boshmux_cluster_forwarded_total").await, 0);
-    assert!(n2.counter("boshmux_cluster_forwarded_total").await >= 1, "n2 forwarded the hand-off");
+    assert!(
+        n2.counter("boshmux_cluster_forwarded_total").await >= 1,
+        "n2 forwarded the hand-off"
+    );
     assert_eq!(
         n2.counter("boshmux_logins_total").await,
         0,
@@ -464,5 +468,108 @@ async fn a_graceful_stop_hands_sessions_over_and_redis_emptied_costs_nothing(p: 
     }
     assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full));
     assert_eq!(n2.counter("boshmux_logins_total").await, 0);
+    no_offline_flap(&mut b, &a);
+}
+
+/// A private `redis-server` on `port` with nothing persisted, stopped when dropped.
+fn own_redis(port: u16) -> tokio::process::Child {
+    let dir = std::env::temp_dir().join(format!("boshmux-redis-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    tokio::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server runs (scripts/redis.sh installs it)")
+}
+
+async fn redis_up(url: &str) {
+    eventually("the private Redis answers", LIMIT, || async {
+        let c = redis::Client::open(url).ok()?;
+        let mut c = c.get_multiplexed_async_connection().await.ok()?;
+        let pong: String = redis::cmd("PING").query_async(&mut c).await.ok()?;
+        (pong == "PONG").then_some(())
+    })
+    .await;
+}
+
+both!(redis_out_of_reach_then_back_empty_costs_no_session);
+async fn redis_out_of_reach_then_back_empty_costs_no_session(p: Server) {
+    let port = support::process::free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let mut redis_server = own_redis(port);
+    redis_up(&url).await;
+    let (a, _) = p.user("g79a");
+    let a_full = format!("{a}/boshmux");
+    let n1 = node(&p, &url, "n1").await;
+    let n2 = node(&p, &url, "n2").await;
+    let h = n1.daemon.handoff("g79a", "pw-g79a").await;
+    let mut on1 = n1.daemon.page("g79a", &h.token).await;
+    let mut on2 = n2.daemon.page("g79a", &h.token).await;
+    on1.send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g79b", "b").await;
+    sees_available(&mut b, &a_full).await;
+    on2.sync().await;
+
+    // Redis gone: the session carries on, pages on both nodes get what the contact sends.
+    redis_server.kill().await.unwrap();
+    b.handle
+        .send(chat(&a.to_string(), "no redis"))
+        .await
+        .unwrap();
+    for page in [&mut on1, &mut on2] {
+        assert_eq!(
+            body_text(&page.next_message().await).as_deref(),
+            Some("no redis")
+        );
+    }
+    // A hand-off of a new user is refused with 503; the running user's on its owner still works.
+    let (status, json) = n2
+        .daemon
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/sessions",
+            Some(serde_json::json!({"jid": p.user("g79c").0.to_string(), "password": "pw-g79c"})),
+        )
+        .await;
+    assert_eq!(status, 503, "{json}");
+    assert_eq!(n1.daemon.handoff("g79a", "pw-g79a").await.status, 200);
+    assert!(
+        n1.counter("boshmux_store_errors_total").await > 0,
+        "the metrics say so"
+    );
+
+    // Redis back, empty: the owner writes the session back; a new node serves its pages.
+    let _redis_server = own_redis(port);
+    redis_up(&url).await;
+    let n3 = node(&p, &url, "n3").await;
+    let mut on3 = page_when_ready(&n3, "g79a", &h.token).await;
+    on3.sync().await;
+    b.handle
+        .send(chat(&a.to_string(), "redis back"))
+        .await
+        .unwrap();
+    for page in [&mut on1, &mut on3] {
+        assert_eq!(
+            body_text(&page.next_message().await).as_deref(),
+            Some("redis back")
+        );
+    }
+    assert_eq!(owner_via(&n3, &a.to_string()).await.as_deref(), Some("n1"));
+    assert_eq!(p.sessions_of(&a), std::slice::from_ref(&a_full));
+    assert_eq!(
+        n1.counter("boshmux_logins_total").await,
+        1,
+        "the first login only"
+    );
     no_offline_flap(&mut b, &a);
 }

@@ -140,9 +140,22 @@ async fn run(
         let _ = ws.close(None).await;
         return;
     }
-    metrics.cluster_relayed_pages.fetch_add(1, Ordering::Relaxed);
-    relay(&mut commands, &mut ws, &link, queue_limit, &mut live, &owner, &bare).await;
-    metrics.cluster_relayed_pages.fetch_sub(1, Ordering::Relaxed);
+    metrics
+        .cluster_relayed_pages
+        .fetch_add(1, Ordering::Relaxed);
+    relay(
+        &mut commands,
+        &mut ws,
+        &link,
+        queue_limit,
+        &mut live,
+        &owner,
+        &bare,
+    )
+    .await;
+    metrics
+        .cluster_relayed_pages
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 type Socket =
