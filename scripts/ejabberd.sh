@@ -14,8 +14,9 @@
 # needed, and the system service (`ejabberd@localhost`, /var/lib/ejabberd) is never touched.
 #
 # Users: the same groups of four mutual contacts as scripts/prosody.sh (g01a … g80d, password
-# "pw-" + username) and, when BOSHMUX_TEST_EJABBERD_LOAD_USERS is set, user1 … userN without
-# contacts. Set BOSHMUX_TEST_EJABBERD_KEEP=1 to keep the temp dir after the run for debugging.
+# "pw-" + username), the same two accounts that need stringprep (`zoë` with password "pw-zoë",
+# `nbsp` with password "pw-no" U+00A0 "break") and, when BOSHMUX_TEST_EJABBERD_LOAD_USERS is set,
+# user1 … userN without contacts. Set BOSHMUX_TEST_EJABBERD_KEEP=1 to keep the temp dir after the run for debugging.
 
 _ejabberd_apt_updated=
 _ejabberd_dir=
@@ -175,6 +176,13 @@ EOF
 			halt(0).' 2>&1
 }
 
+# Accounts whose names or passwords need stringprep: registered the way an admin would
+# (`ejabberdctl register`), so that ejabberd itself prepares them.
+_ejabberd_register() { # DIR
+	"$1/ejabberdctl" register 'zoë' localhost 'pw-zoë' >/dev/null &&
+		"$1/ejabberdctl" register nbsp localhost $'pw-no\xc2\xa0break' >/dev/null
+}
+
 # True once GET on the BOSH URL answers 200, i.e. HTTP is listening and mod_bosh is routed.
 _ejabberd_bosh_up() { # PORT
 	local status
@@ -241,6 +249,11 @@ ejabberd_start() {
 	local out
 	out=$(_ejabberd_populate "$_ejabberd_dir" "$dist_port" "$groups" "${BOSHMUX_TEST_EJABBERD_LOAD_USERS:-0}") || {
 		echo "ejabberd.sh: creating the test accounts failed: $out" >&2
+		ejabberd_stop
+		return 1
+	}
+	_ejabberd_register "$_ejabberd_dir" || {
+		echo "ejabberd.sh: registering zoë and nbsp failed" >&2
 		ejabberd_stop
 		return 1
 	}

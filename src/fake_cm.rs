@@ -82,6 +82,9 @@ pub enum Action {
     Respond(Body),
     /// This HTTP status with an empty body.
     Status(u16),
+    /// This HTTP status with an empty body and this reason phrase in the status line, as
+    /// ejabberd gives its error reasons (`404 Session ID mismatch`).
+    StatusWithReason(u16, &'static str),
     /// Close the connection without answering.
     Drop,
 }
@@ -359,14 +362,22 @@ async fn intercepted(
     }
     match answer.await {
         Ok(Action::Respond(b)) => Ok(xml_response(&b)),
-        Ok(Action::Status(code)) => {
-            let mut resp = Response::new(Full::new(Bytes::new()));
-            *resp.status_mut() =
-                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Ok(Action::Status(code)) => Ok(empty_response(code)),
+        Ok(Action::StatusWithReason(code, reason)) => {
+            let mut resp = empty_response(code);
+            resp.extensions_mut()
+                .insert(hyper::ext::ReasonPhrase::from_static(reason.as_bytes()));
             Ok(resp)
         }
         Ok(Action::Drop) | Err(_) => Err(FakeDrop),
     }
+}
+
+/// HTTP `code` with an empty body.
+fn empty_response(code: u16) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp
 }
 
 fn xml_response(body: &Body) -> Response<Full<Bytes>> {

@@ -251,6 +251,25 @@ async fn stanzas_before_a_remote_stream_error_are_delivered_first() {
     );
 }
 
+/// ejabberd says why in the HTTP reason phrase (`404 Session ID mismatch`, RECOVERY.md): the
+/// error the session ends with, and so the daemon's log and API, carry it.
+#[tokio::test]
+async fn the_servers_reason_phrase_reaches_the_error() {
+    let (_fake, mut rx, mut session) = attached().await;
+    next_request(&mut rx)
+        .await
+        .answer(Action::StatusWithReason(404, "Session ID mismatch"));
+    let err = ended(&mut session).await.unwrap_err();
+    assert!(
+        matches!(&err, BoshError::HttpStatus(404, Some(r)) if r == "Session ID mismatch"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "connection manager answered HTTP 404 (Session ID mismatch)"
+    );
+}
+
 #[tokio::test]
 async fn http_4xx_is_terminal() {
     for status in [400, 403, 404] {

@@ -111,8 +111,8 @@ async fn the_server_shows_one_session_while_it_runs_and_none_after_terminate(p: 
         next_event(&mut s.events, LIMIT).await,
         BoshEvent::Ended(Ok(()))
     ));
-    eventually("the session to be gone from the server", LIMIT, || async {
-        p.sessions_of(&jid).is_empty().then_some(())
+    p.await_sessions(&jid, "the session to be gone from the server", LIMIT, |s| {
+        s.is_empty()
     })
     .await;
 }

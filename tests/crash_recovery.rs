@@ -212,10 +212,8 @@ async fn a_logout_before_a_kill_stays_a_logout_and_a_session_dead_meanwhile_is_d
     drain(page_c).await;
     // As if the server's inactivity window had passed while nobody drove c's session.
     p.kill_session(&c_full);
-    eventually("c's session to end upstream", LIMIT, || async {
-        p.sessions_of(&c).is_empty().then_some(())
-    })
-    .await;
+    p.await_sessions(&c, "c's session to end upstream", LIMIT, |s| s.is_empty())
+        .await;
 
     d.restart().await;
     let mut again = Page::open(&d.daemon, &[]).await.unwrap();

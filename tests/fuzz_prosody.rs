@@ -1,4 +1,4 @@
-//! The differential fuzz run of SPEC §5 against the real server: seeded, mutated stanzas sent
+//! The differential fuzz run of SPEC §5 against each real server (Prosody and ejabberd): seeded, mutated stanzas sent
 //! from one page (and, in the second test, from a contact straight to the server) while another
 //! page of the same user runs a numbered message loop with a contact. Whatever the daemon accepts
 //! and the server refuses, or the server sends and the daemon cannot carry, shows up here as a
@@ -6,8 +6,8 @@
 //! strict parser refuses.
 //!
 //! Replay: every failure prints its seed and case index; `BOSHMUX_FUZZ_SEED=S BOSHMUX_FUZZ_FIRST=K
-//! BOSHMUX_FUZZ_CASES=1 cargo test --test fuzz_prosody` runs that one case again (with
-//! `scripts/test`'s Prosody, see `scripts/fuzz`). `BOSHMUX_FUZZ_KEEP_GOING=1` records a failure,
+//! BOSHMUX_FUZZ_CASES=1 cargo test --test fuzz_prosody NAME::SERVER` runs that one case again
+//! (with `scripts/test`'s servers, see `scripts/fuzz`). `BOSHMUX_FUZZ_KEEP_GOING=1` records a failure,
 //! starts afresh (new daemon, new pages) and goes on, to survey a seed's failures in one run;
 //! `BOSHMUX_FUZZ_SKIP=kind,kind` leaves out cases of those kinds, to look past known faults.
 
@@ -22,7 +22,7 @@ use boshmux::xmpp::{self, Element, Jid, Limits, ns};
 use parking_lot::Mutex;
 use support::daemon::{Closed, Daemon, Page};
 use support::fuzz::{self, Addresses, Case, Side};
-use support::{Prosody, body_text, chat, prosody};
+use support::{Prosody, Server, body_text, both, chat};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(30);
 /// The daemon's default stanza limit, which the generator aims at.
 const STANZA_LIMIT: usize = 256 * 1024;
-/// Cases between two looks at the server's session list (each costs a `prosodyctl` start).
+/// Cases between two looks at the server's session list (each costs a `prosodyctl` or
+/// `ejabberdctl` start).
 const SESSION_CHECK_EVERY: u64 = 200;
 
 /// The fixed budget of `scripts/test` (which sets the same values): seed and cases per side.
@@ -53,14 +54,28 @@ const PINNED_CONTACT: &[(u64, u64)] = &[(SEED, 117), (0xC0FFEE, 83)];
 
 // --- the tests ---------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn mutated_stanzas_from_a_page_cost_neither_the_session_nor_the_other_page() {
-    page_side(prosody()).await;
+both!(mutated_stanzas_from_a_page_cost_neither_the_session_nor_the_other_page);
+/// Page side: page 1 sends each case, then a ping; page 2 loops messages with contact `b`.
+async fn mutated_stanzas_from_a_page_cost_neither_the_session_nor_the_other_page(p: Server) {
+    fuzz_run(&p, Side::Page, "g31", PINNED_PAGE).await;
 }
 
+/// Contact side: contact `c` sends each case to the user straight over BOSH, then a marker
+/// message; page 1 waits for the marker; page 2 loops messages with contact `b`. This is where
+/// the server's own parser matters (Prosody's expat, ejabberd's fast_xml): whatever it relays,
+/// pages get only strict XML.
+///
+/// Prosody only, for now: on ejabberd 23.01 the run loses a BOSH session within a few cases, the
+/// daemon's upstream one or the loop contact's (both are `boshmux::bosh` clients), and not
+/// because of a case: when request R+1 reaches ejabberd before R (two connections, posted
+/// together), ejabberd defers R+1 as "+2", answers R when it comes, and then never processes the
+/// deferred R+1 (it stays in its receivers with no wait timer, its stanzas undelivered); the
+/// client's resend of R+1 after `wait` + margin then crashes the session (`key_exists`,
+/// `internal-server-error`). The loop's quick ping-pong makes that race frequent. The daemon
+/// must not let R+1 overtake R on ejabberd (see the report of issue 12).
 #[tokio::test]
 async fn mutated_stanzas_from_a_contact_reach_pages_only_as_strict_xml() {
-    contact_side(prosody()).await;
+    fuzz_run(&support::prosody(), Side::Contact, "g32", PINNED_CONTACT).await;
 }
 
 /// The generator is a pure function of (seed, index) and covers every kind it names.
@@ -104,18 +119,7 @@ fn generator_is_deterministic_and_covers_every_kind() {
     }
 }
 
-// --- bodies, generic over the server ------------------------------------------------------------
-
-/// Page side: page 1 sends each case, then a ping; page 2 loops messages with contact `b`.
-async fn page_side(p: Prosody) {
-    fuzz_run(&p, Side::Page, "g31", PINNED_PAGE).await;
-}
-
-/// Contact side: contact `c` sends each case to the user straight over BOSH, then a marker
-/// message; page 1 waits for the marker; page 2 loops messages with contact `b`.
-async fn contact_side(p: Prosody) {
-    fuzz_run(&p, Side::Contact, "g32", PINNED_CONTACT).await;
-}
+// --- the run, generic over the server ---------------------------------------------------------
 
 /// One run of cases from `side`, with the accounts of test group `group`.
 async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[(u64, u64)]) {
@@ -158,7 +162,7 @@ async fn fuzz_run(p: &Prosody, side: Side, group: &str, pinned: &[(u64, u64)]) {
             Err(e) => Err(e),
         };
         if let Err(fault) = outcome {
-            failures.push(report(side, &case, &fault));
+            failures.push(report(p, side, &case, &fault));
             if !keep_going() {
                 break;
             }
@@ -263,15 +267,19 @@ fn addresses(domain: &str, group: &str) -> Addresses {
 }
 
 /// One failure, printed with everything needed to replay it; the whole stanza goes to a file.
-fn report(side: Side, case: &Case, fault: &str) -> String {
+fn report(p: &Server, side: Side, case: &Case, fault: &str) -> String {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
     let _ = std::fs::create_dir_all(&dir);
-    let file = dir.join(format!("{side:?}-{:#x}-{}.xml", case.seed, case.index));
+    let file = dir.join(format!(
+        "{:?}-{side:?}-{:#x}-{}.xml",
+        p.kind, case.seed, case.index
+    ));
     let _ = std::fs::write(&file, &case.xml);
     let line = format!(
-        "{side:?} side, seed {:#x} case {} [{}]: {fault}\n  stanza ({} bytes, saved to {}): {}\n  replay: \
-         BOSHMUX_FUZZ_SEED={:#x} BOSHMUX_FUZZ_FIRST={} BOSHMUX_FUZZ_CASES=1 cargo test --test \
-         fuzz_prosody {}",
+        "{:?}, {side:?} side, seed {:#x} case {} [{}]: {fault}\n  stanza ({} bytes, saved to {}): {}\n  \
+         replay: BOSHMUX_FUZZ_SEED={:#x} BOSHMUX_FUZZ_FIRST={} BOSHMUX_FUZZ_CASES=1 cargo test --test \
+         fuzz_prosody {}::{}",
+        p.kind,
         case.seed,
         case.index,
         case.kinds.join(","),
@@ -284,6 +292,7 @@ fn report(side: Side, case: &Case, fault: &str) -> String {
             Side::Page => "mutated_stanzas_from_a_page",
             Side::Contact => "mutated_stanzas_from_a_contact",
         },
+        format!("{:?}", p.kind).to_lowercase(),
     );
     eprintln!("FUZZ FAILURE {line}");
     line
@@ -329,10 +338,8 @@ impl World {
         let (bare, pw) = p.user(&user);
         let h = d.handoff(&user, &pw).await;
         let addr = addresses(&p.domain, group);
-        support::eventually("one upstream session", WAIT, || {
-            let s = p.sessions_of(&bare);
-            let full = addr.full.clone();
-            async move { (s == [full]).then_some(()) }
+        p.await_sessions(&bare, "one upstream session", WAIT, |s| {
+            s == [addr.full.clone()]
         })
         .await;
         let mut page = d.page(&user, &h.token).await;
@@ -752,13 +759,20 @@ impl RawBosh {
                 .send()
                 .await
                 .map_err(|e| e.to_string())?;
+            // ejabberd answers a body its parser refuses with `400 Bad Request` and no body: the
+            // request's rid is lost to the session, so later ones would wait for it forever.
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(format!("HTTP {status}"));
+            }
             resp.text().await.map_err(|e| e.to_string())
         })
     }
 
     /// Sends `stanza` in one request and `then` (if not empty) in the next, which releases the
-    /// first; `Err` with the answer's `<body>` tag when the server ended the session on the
-    /// first (a refused stanza). The second stays held.
+    /// first; `Err` with the answer's `<body>` tag (or HTTP status) when the server refused the
+    /// first: Prosody ends the session with `terminate`, ejabberd answers `400 Bad Request` to a
+    /// body its parser refuses. The second stays held.
     async fn send(&mut self, stanza: &str, then: &str) -> Result<(), String> {
         if let Some(old) = self.held.take() {
             old.abort();

@@ -307,10 +307,8 @@ async fn a_stored_session_found_dead_at_takeover_logs_in_again_through_the_web_a
     first.stop().await;
     assert_eq!(page.closed().await.code, 1012);
     p.kill_session(&full);
-    support::eventually("the session to end upstream", LIMIT, || async {
-        p.sessions_of(&jid).is_empty().then_some(())
-    })
-    .await;
+    p.await_sessions(&jid, "the session to end upstream", LIMIT, |s| s.is_empty())
+        .await;
 
     let second = Daemon::start_with_store(&p.bosh, &p.domain, &store, tune).await;
     support::eventually(

@@ -262,10 +262,8 @@ async fn logout_closes_every_page_with_4001_and_revokes_the_token(p: Server) {
     let err = again.login_plain("g17a", &h.token).await.unwrap_err();
     assert!(err.contains("not-authorized"), "{err}");
     let (jid, _) = p.user("g17a");
-    eventually("the upstream session to end", LIMIT, || async {
-        p.sessions_of(&jid).is_empty().then_some(())
-    })
-    .await;
+    p.await_sessions(&jid, "the upstream session to end", LIMIT, |s| s.is_empty())
+        .await;
     let (status, _) = d
         .api(
             reqwest::Method::GET,
@@ -615,10 +613,8 @@ async fn after_the_last_page_and_the_grace_period_the_user_goes_offline(p: Serve
         }
     }
     let (jid, _) = p.user("g15a");
-    eventually("no upstream session", LIMIT, || async {
-        p.sessions_of(&jid).is_empty().then_some(())
-    })
-    .await;
+    p.await_sessions(&jid, "no upstream session", LIMIT, |s| s.is_empty())
+        .await;
     eventually("the session gone from the API", LIMIT, || async {
         let (status, _) = d
             .api(

@@ -1,11 +1,12 @@
 //! SPEC §8 and §12 (first step: one node on Redis): the daemon as a real process with
-//! `store = "redis://…"` against the real Prosody, `kill -9`, then a new process on the same
-//! Redis. Checked from outside: Prosody's view (the same single session), the pages' (the same
-//! JID, the token from before the crash, the message sent meanwhile once), the new process's
-//! counters (no login) and Redis's keys (the session was there, not in a directory).
+//! `store = "redis://…"` against the real Prosody and ejabberd, `kill -9`, then a new process on
+//! the same Redis. Checked from outside: the server's view (the same single session), the pages'
+//! (the same JID, the token from before the crash, the message sent meanwhile once), the new
+//! process's counters (no login) and Redis's keys (the session was there, not in a directory).
 //!
-//! Uses Redis database 2 of the test Redis (scripts/redis.sh), emptied first: no other test
-//! uses it. Accounts: group g76.
+//! Uses Redis database 2 (Prosody) and 3 (ejabberd) of the test Redis (scripts/redis.sh), each
+//! emptied first: no other test uses them, and the two runs (same JIDs) must not share keys.
+//! Accounts: group g76.
 
 mod support;
 
@@ -13,23 +14,25 @@ use std::time::Duration;
 
 use boshmux::xmpp::{Element, ns};
 use support::process::{DaemonProcess, sees_available, store_dir};
-use support::{body_text, chat};
+use support::{Kind, Server, body_text, both, chat};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// The test Redis's database 2. Panics when the run was not started by scripts/test.
-fn redis_url() -> String {
+/// The test Redis's database `db`. Panics when the run was not started by scripts/test.
+fn redis_url(db: u8) -> String {
     let url = std::env::var("BOSHMUX_TEST_REDIS_URL").unwrap_or_else(|_| {
         panic!("BOSHMUX_TEST_REDIS_URL is not set: tests that need Redis run through scripts/test")
     });
     let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    format!("{base}/2")
+    format!("{base}/{db}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kill_9_on_redis_costs_no_login_and_no_message() {
-    let p = support::prosody();
-    let url = redis_url();
+both!(a_kill_9_on_redis_costs_no_login_and_no_message);
+async fn a_kill_9_on_redis_costs_no_login_and_no_message(p: Server) {
+    let url = redis_url(match p.kind {
+        Kind::Prosody => 2,
+        Kind::Ejabberd => 3,
+    });
     let mut redis = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()

@@ -9,10 +9,13 @@
 //! Channel binding is not supported: the GS2 header is always `n,,` and the `-PLUS` variants are
 //! never chosen, because the upstream link is plain HTTP. No authorization identity is sent.
 //!
-//! The username and password are prepared with SASLprep (RFC 4013, as RFC 5802 §2.2 and RFC 4616
-//! ask) before use, as the server does on its side (Prosody also prepares a password with SASLprep
-//! when it stores its hash): a password with a no-break space or a compatibility character logs in
-//! whichever spelling was registered. The SCRAM username is then escaped (`=`, `,`).
+//! The username and password are prepared with SASLprep (RFC 4013, as RFC 5802 §2.2 asks) before
+//! SCRAM uses them, as the server does on its side (Prosody and ejabberd both prepare a password
+//! before hashing it): a password with a no-break space or a compatibility character logs in
+//! whichever spelling was registered. The SCRAM username is then escaped (`=`, `,`). PLAIN sends
+//! the password as given (it must still pass SASLprep): RFC 4616 §2 leaves its preparation to the
+//! server, and ejabberd, which keeps passwords as registered, compares a PLAIN password byte for
+//! byte, so a prepared one would not match a password registered with a no-break space.
 
 use std::fmt;
 use std::mem;
@@ -227,7 +230,8 @@ impl fmt::Debug for SaslClient {
 
 impl SaslClient {
     /// Creates a client that logs in as `authcid` (the account's localpart) with `password`, both
-    /// prepared with SASLprep. For SCRAM, it generates a random client nonce from the
+    /// prepared with SASLprep (PLAIN: the password is checked against SASLprep but sent as given,
+    /// see the module docs). For SCRAM, it generates a random client nonce from the
     /// thread-local CSPRNG.
     ///
     /// # Errors
@@ -261,10 +265,15 @@ impl SaslClient {
         password: &str,
         nonce: String,
     ) -> Result<Self, SaslError> {
+        let prepared = prepare_password(password)?;
+        let password = match mechanism {
+            Mechanism::Plain => password.to_owned(),
+            Mechanism::ScramSha1 | Mechanism::ScramSha256 => prepared.into_owned(),
+        };
         Ok(Self {
             mechanism,
             authcid: prepare_username(authcid)?.into_owned(),
-            password: prepare_password(password)?.into_owned(),
+            password,
             nonce,
             state: State::Start,
         })
@@ -703,10 +712,13 @@ mod tests {
             assert_eq!(proof("pen\u{a0}cil"), proof("pen cil"), "{mechanism:?}");
             assert_ne!(proof("pen\u{a0}cil"), proof("pencil"), "{mechanism:?}");
         }
+        // PLAIN leaves preparation to the server (ejabberd compares the registered bytes).
         let mut plain = SaslClient::new(Mechanism::Plain, "user", "a\u{a0}b").unwrap();
-        assert_eq!(plain.initial_response(), b"\0user\0a b");
-        let refused = SaslClient::new(Mechanism::ScramSha256, "user", "bell\u{7}");
-        assert_eq!(refused.err(), Some(SaslError::Prep("password")));
+        assert_eq!(plain.initial_response(), "\0user\0a\u{a0}b".as_bytes());
+        for mechanism in [Mechanism::ScramSha256, Mechanism::Plain] {
+            let refused = SaslClient::new(mechanism, "user", "bell\u{7}");
+            assert_eq!(refused.err(), Some(SaslError::Prep("password")));
+        }
     }
 
     #[test]

@@ -255,6 +255,14 @@ async fn random_interleavings(p: Prosody) {
     random::check(&p, ("g58", "g59")).await;
 }
 
+// The oracle runs on Prosody only: its normalisation (`view`) and allow-list are written for
+// Prosody's behaviour. Run on ejabberd 23.01 (each body with `support::ejabberd()`, world.rs
+// already takes the MUC host from the server), every test differs between A and B: messages
+// 1 of 10 scripts (roster results: ejabberd's items carry a `name`, which differs between the two
+// account groups, and its result to a real resource carries `from` = the bare JID), iqs and
+// roster (presence seen by B only), presence 7 of 14, rooms 5 of 9 and 6 of 9, the random runs.
+// Each difference still has to be sorted into normalisation (server style) or a daemon fault.
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oracle_rooms_first_half() {
     rooms_first_half(prosody()).await;

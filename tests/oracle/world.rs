@@ -69,8 +69,7 @@ impl World {
     /// `tag` makes room names unique to this world.
     pub async fn start(p: &Prosody, mode: Mode, group: &str, tag: &str, k: usize) -> World {
         let user = format!("{group}a");
-        let muc = std::env::var("BOSHMUX_TEST_PROSODY_MUC")
-            .unwrap_or_else(|_| format!("conference.{}", p.domain));
+        let muc = p.muc.clone();
         let names = Names {
             user: format!("{user}@{}", p.domain),
             contacts: ["b", "c", "d"].map(|l| format!("{group}{l}@{}", p.domain)),

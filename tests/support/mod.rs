@@ -202,6 +202,41 @@ impl Server {
         jids
     }
 
+    /// How long to wait between two looks at this server's session list: `ejabberdctl` boots an
+    /// Erlang VM for each call (~0.3 s of CPU), so ejabberd is asked once a second; Prosody's
+    /// admin shell is cheap enough for the 50 ms of [`eventually`].
+    pub fn admin_poll(&self) -> Duration {
+        match self.kind {
+            Kind::Prosody => POLL,
+            Kind::Ejabberd => Duration::from_secs(1),
+        }
+    }
+
+    /// Waits until the full JIDs of `bare`'s live sessions ([`sessions_of`](Self::sessions_of))
+    /// satisfy `want`, looking every [`admin_poll`](Self::admin_poll); fails the test after
+    /// `limit`, naming `what` and the last list seen.
+    pub async fn await_sessions(
+        &self,
+        bare: &Jid,
+        what: &str,
+        limit: Duration,
+        want: impl Fn(&[String]) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let sessions = self.sessions_of(bare);
+            if want(&sessions) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what} on {:?}: sessions of {bare}: {sessions:?}",
+                self.kind
+            );
+            tokio::time::sleep(self.admin_poll()).await;
+        }
+    }
+
     /// Ends the client session of `full` from the server side, as an administrator would
     /// (Prosody: `c2s:close`; ejabberd: `kick_user`).
     pub fn kill_session(&self, full: &str) {
@@ -222,8 +257,12 @@ impl Server {
     }
 }
 
+/// The pause between two checks of [`eventually`].
+const POLL: Duration = Duration::from_millis(50);
+
 /// Polls `check` until it returns `Some`, for conditions no event announces (another process's
-/// state). Fails the test after `limit`.
+/// state). Fails the test after `limit`. (A server's session list: [`Server::await_sessions`],
+/// which polls ejabberd more slowly.)
 pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -238,7 +277,7 @@ where
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
