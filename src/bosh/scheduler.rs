@@ -340,6 +340,7 @@ pub(crate) fn spawn(
         store: store.clone(),
         acked: acked_rx,
         written: Arc::new(watch::Sender::new(rid - 1)),
+        wire: Arc::default(),
         fenced: Arc::new(AtomicBool::new(false)),
     };
     // Oldest first, each once; a younger one goes out when the older ones are answered (a rid the
@@ -451,6 +452,10 @@ struct Scheduler {
     /// The highest new rid whose write-ahead record is done (or given up on): a new rid is
     /// posted only after every older one, whatever order their writes complete in.
     written: Arc<watch::Sender<u64>>,
+    /// When the latest new request went on the wire (after its write-ahead record): the next
+    /// one goes [`ORDER_GAP`] later while that one is unanswered, however fast its own record
+    /// was written.
+    wire: Arc<parking_lot::Mutex<Option<Instant>>>,
     /// Set by the first request task whose write was fenced; checked before anything is posted
     /// or handed on, so that nothing slips through before the scheduler sees that task's end.
     fenced: Arc<AtomicBool>,
@@ -628,6 +633,8 @@ impl Scheduler {
         let written = self.written.clone();
         let fenced = self.fenced.clone();
         let metrics = self.metrics.clone();
+        let wire = self.wire.clone();
+        let acked = self.acked.clone();
         self.tasks.spawn(async move {
             match store.request(rid, bytes.clone()).await {
                 Ok(()) => {}
@@ -637,8 +644,17 @@ impl Scheduler {
                 }
                 Err(e) => store_failed(&metrics, &e),
             }
-            // Requests reach the server in rid order, whichever write finished first.
+            // Requests reach the server in rid order, whichever write finished first: after the
+            // older one, and ORDER_GAP after it got on the wire while it is unanswered (records
+            // written in the same instant must not put two requests on the wire together).
             let _ = written.subscribe().wait_for(|w| *w + 1 >= rid).await;
+            let previous = *wire.lock();
+            if let Some(at) = previous
+                && *acked.borrow() + 1 < rid
+            {
+                tokio::time::sleep_until(at + ORDER_GAP).await;
+            }
+            *wire.lock() = Some(Instant::now());
             written.send_if_modified(|w| {
                 let raise = rid > *w;
                 if raise {

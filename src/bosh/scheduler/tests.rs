@@ -374,6 +374,8 @@ struct Flaky {
 #[derive(Default)]
 struct Knobs {
     stall_rid: AtomicU64,
+    /// The write-ahead record of this rid takes 100 ms.
+    slow_rid: AtomicU64,
     unavailable: AtomicBool,
     fenced: AtomicU64,
 }
@@ -405,6 +407,9 @@ impl Backend for Flaky {
             }
             if request.is_some() && request == Some(knobs.stall_rid.load(Ordering::SeqCst)) {
                 std::future::pending::<()>().await;
+            }
+            if request.is_some() && request == Some(knobs.slow_rid.load(Ordering::SeqCst)) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             result
         })
@@ -476,6 +481,33 @@ async fn new_rids_wait_for_the_owner_and_empty_responses_are_events_too() {
     assert_eq!(owner.got, ["a", "b"]);
     assert_eq!(cm.received, ["out", "out2"]);
     assert_eq!(stored_rids(&store).await, [FIRST + 3]);
+}
+
+/// RECOVERY.md (ejabberd 23.01 wedges a session when a younger rid arrives first): an older
+/// request whose record is slow and a younger one whose record is written at once still reach
+/// the server in rid order, the younger one a full `ORDER_GAP` (25 ms) after the older one went
+/// out, since the older one is unanswered.
+#[tokio::test(start_paused = true)]
+async fn a_younger_request_goes_out_well_after_an_older_one_whose_record_was_slower() {
+    let (store, knobs) = flaky();
+    let (mut s, mut rx) = start(&store).await;
+    let (mut cm, mut owner) = (Cm::new(), Owner::default());
+    assert_eq!(cm.serve(&mut rx).await, FIRST);
+    knobs.slow_rid.store(FIRST + 1, Ordering::SeqCst);
+    s.handle.send(message("m1")).await.unwrap();
+    // The held request is answered and taken in: the window has room for a younger one.
+    cm.push("x");
+    assert_eq!(owner.take(&mut s).await, FIRST);
+    s.handle.send(message("m2")).await.unwrap();
+    let (first, _, _tx1) = cm.receive(&mut rx).await;
+    let first_at = tokio::time::Instant::now();
+    let (second, _, _tx2) = cm.receive(&mut rx).await;
+    let gap = first_at.elapsed();
+    assert_eq!((first, second), (FIRST + 1, FIRST + 2), "rid order");
+    assert!(
+        gap >= Duration::from_millis(25),
+        "the younger request went out {gap:?} after the older one"
+    );
 }
 
 // --- stops and crashes, then a resume from the store ------------------------------------------
