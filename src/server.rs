@@ -90,6 +90,9 @@ pub fn build_with_store(config: Config, store: Store) -> Result<AppState, SetupE
             config.limits.page_queue_bytes,
         );
         registry.set_elsewhere(cluster.clone());
+        state
+            .bosh_pages
+            .set_sid_prefix(crate::cluster::bosh_sid_prefix(&state.node_id));
         state.set_cluster(cluster);
     }
     Ok(state)

@@ -314,6 +314,15 @@ impl Cluster {
         self.redis.census().await
     }
 
+    /// The base URL of the live member of node `node_id`, if any.
+    pub async fn url_of_node(&self, node_id: &str) -> Option<String> {
+        let members = self.redis.members().await.ok()?;
+        members
+            .into_iter()
+            .find(|m| m.node_id() == node_id)
+            .map(|m| m.url)
+    }
+
     /// The node id owning `bare`'s session, if it has a record.
     pub async fn owner_node(&self, bare: &Jid) -> Option<String> {
         let member = self.redis.owner(&bare.to_string()).await.ok()??;
@@ -370,6 +379,26 @@ impl Elsewhere for Cluster {
             None
         })
     }
+}
+
+/// What the sids of page-side BOSH sessions made on node `node_id` start with: the node's
+/// name in hex between `n` and `-` (a sid stays a plain token).
+pub fn bosh_sid_prefix(node_id: &str) -> String {
+    let hex: String = node_id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("n{hex}-")
+}
+
+/// The node a page-side BOSH sid was made on, if it carries a [`bosh_sid_prefix`].
+pub fn node_of_bosh_sid(sid: &str) -> Option<String> {
+    let hex = sid.strip_prefix('n')?.split_once('-')?.0;
+    if hex.len() % 2 != 0 || hex.is_empty() {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
 }
 
 /// A fresh member id for `node_id`.

@@ -94,6 +94,35 @@ pub async fn request(
     resp
 }
 
+/// In a cluster, a request for a virtual session another node made (its sid names the node) is
+/// sent on to that node and its answer returned (SPEC §12: any node serves any request).
+async fn elsewhere(
+    st: &AppState,
+    headers: &HeaderMap,
+    sid: &str,
+    bytes: &[u8],
+) -> Option<(StatusCode, Bytes)> {
+    let cluster = st.cluster()?;
+    if st.bosh_pages.knows(sid) || headers.contains_key(crate::cluster::link::FORWARDED_HEADER) {
+        return None;
+    }
+    let node = crate::cluster::node_of_bosh_sid(sid).filter(|n| *n != st.node_id)?;
+    let url = cluster.url_of_node(&node).await?;
+    let mut req = crate::http::cluster::node_client()
+        .post(format!("{url}/http-bind"))
+        .header(crate::cluster::link::FORWARDED_HEADER, st.node_id.as_str())
+        .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
+        .timeout(std::time::Duration::from_secs(125))
+        .body(bytes.to_vec());
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        req = req.header(header::ORIGIN, origin);
+    }
+    let resp = req.send().await.ok()?;
+    let status = resp.status();
+    let body = resp.bytes().await.ok()?;
+    Some((status, body))
+}
+
 async fn answer(
     st: &AppState,
     peer: SocketAddr,
@@ -123,6 +152,9 @@ async fn answer(
     };
     if let Some(sid) = body.attr("sid") {
         let sid = sid.to_owned();
+        if let Some(answer) = elsewhere(st, headers, &sid, bytes).await {
+            return answer;
+        }
         return (StatusCode::OK, st.bosh_pages.request(&sid, rid, body).await);
     }
     // A new page: the checks of a WebSocket upgrade (SPEC §4, §9).

@@ -159,7 +159,7 @@ async fn forward(
         .uri
         .path_and_query()
         .map_or("/", axum::http::uri::PathAndQuery::as_str);
-    let client = cluster_http();
+    let client = node_client();
     let mut req = client
         .request(parts.method.clone(), format!("{}{path}", owner.url))
         .header(FORWARDED_HEADER, cluster.node_id())
@@ -206,7 +206,7 @@ fn cluster_metrics(cluster: &Cluster) {
 }
 
 /// The HTTP client nodes talk to each other with (no redirects, no proxy from the environment).
-fn cluster_http() -> &'static reqwest::Client {
+pub(crate) fn node_client() -> &'static reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     CLIENT.get_or_init(|| {
         crate::bosh::transport::install_crypto_provider();
@@ -230,7 +230,7 @@ pub async fn list_everywhere(
     let members = cluster.members().await.unwrap_or_default();
     let me = cluster.member();
     for m in members.iter().filter(|m| *m.id != *me) {
-        let resp = cluster_http()
+        let resp = node_client()
             .get(format!("{}/api/v1/sessions", m.url))
             .header(FORWARDED_HEADER, cluster.node_id())
             .header(

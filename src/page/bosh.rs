@@ -68,6 +68,9 @@ struct Entry {
 pub struct BoshPages {
     sessions: Mutex<HashMap<String, Entry>>,
     seq: AtomicU64,
+    /// Put in front of every sid this node makes: in a cluster it names the node, so that a
+    /// request landing on another node is sent on here (SPEC §12).
+    sid_prefix: std::sync::OnceLock<String>,
 }
 
 /// The parameters a page asked for at creation (XEP-0124 §7.1), as granted.
@@ -144,7 +147,7 @@ impl BoshPages {
         granted: Granted,
         spawn: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
     ) -> Reply {
-        let sid = new_sid();
+        let sid = self.new_sid();
         let features = frame::sasl_features(ctx.cookie_user.is_some());
         let mut head = creation_head(&sid, &ctx.domain, &granted);
         if let Some(lang) = body.attr_ns(Some(ns::XML), "lang") {
@@ -185,7 +188,7 @@ impl BoshPages {
         spawn: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
     ) -> Result<(String, u64), PrebindError> {
         let bare = session.bare.clone();
-        let sid = new_sid();
+        let sid = self.new_sid();
         // Strophe and Converse add to the rid; keep it well inside 2^53 (XEP-0124 §7.1).
         let rid = rand::random_range(1u64 << 20..1u64 << 40);
         let unused = Arc::new(AtomicBool::new(true));
@@ -260,8 +263,21 @@ impl BoshPages {
     }
 }
 
-fn new_sid() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+impl BoshPages {
+    /// Sets what every later sid starts with (once; a cluster node's tag).
+    pub fn set_sid_prefix(&self, prefix: String) {
+        let _ = self.sid_prefix.set(prefix);
+    }
+
+    /// Whether `sid` is a live virtual session of this node.
+    pub fn knows(&self, sid: &str) -> bool {
+        self.sessions.lock().contains_key(sid)
+    }
+
+    fn new_sid(&self) -> String {
+        let prefix = self.sid_prefix.get().map_or("", String::as_str);
+        format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+    }
 }
 
 /// The `<body/>` of a creation response (XEP-0124 §7.2, XEP-0206 §4).
