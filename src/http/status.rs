@@ -18,7 +18,12 @@ use super::api::constant_time_eq;
 pub async fn metrics(State(st): State<AppState>) -> Response {
     let sessions = st.registry.all();
     let pages = sessions.iter().map(|s| s.info().pages).sum();
-    let body = st.registry.metrics.render(sessions.len(), pages);
+    let mut body = st.registry.metrics.render(sessions.len(), pages);
+    crate::metrics::render_bosh_pages(
+        &mut body,
+        st.bosh_pages.len(),
+        st.bosh_pages.unused_prebinds_total(),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -95,13 +100,15 @@ fn status_page(st: &AppState, headers: &HeaderMap) -> Response {
     if sessions.is_empty() {
         rows.push_str("<tr><td colspan=9 class=empty>No sessions.</td></tr>");
     }
+    let bosh_pages = st.bosh_pages.len();
+    let prebinds_unused = st.bosh_pages.unused_prebinds_total();
     let listen = escape(&st.config.listen.to_string());
     let upstream = escape(st.config.bosh_url.as_deref().unwrap_or_default());
     Html(format!(
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>boshmux status</title>\
          <meta http-equiv=refresh content=5><style>{STYLE}</style></head><body>\
          <h1>boshmux <span>status</span></h1>\
-         <p class=summary><b>{}</b> sessions · <b>{pages}</b> pages · listening on {listen} · upstream {upstream}</p>\
+         <p class=summary><b>{}</b> sessions · <b>{pages}</b> pages · <b>{bosh_pages}</b> virtual BOSH sessions (<b>{prebinds_unused}</b> unused prebinds) · listening on {listen} · upstream {upstream}</p>\
          <table><thead><tr><th>Session</th><th>Upstream</th><th>Pages</th><th>Next rid</th><th>Age</th>\
          <th>Last activity</th><th>Stanzas in / out</th><th>Buffered</th><th>Re-logins</th></tr></thead>\
          <tbody>{rows}</tbody></table><p class=foot>Refreshes every 5 s. Metrics: <a href=/metrics>/metrics</a></p>\
