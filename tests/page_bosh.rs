@@ -455,6 +455,19 @@ async fn prebind_called_in_a_loop_never_leaves_more_than_pages_per_user() {
     // requests are held, as a page's poll is: they run on their own.)
     // The daemon holds three virtual sessions, all unused prebinds: nothing was left behind.
     assert_eq!(bosh_gauges(&d).await, (3, 3));
+    let status = reqwest::Client::new()
+        .get(d.url("/status"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        status.contains("<b>3</b> virtual BOSH sessions (<b>3</b> unused prebinds)"),
+        "{status}"
+    );
     let (evicted, newest) = sids.split_at(sids.len() - 3);
     let mut live = Vec::new();
     for (sid, rid) in newest {
@@ -733,8 +746,8 @@ async fn a_bosh_page_sending_too_fast_gets_resource_constraint_errors() {
             "{err}"
         );
     }
-    // The burst (10) went on, a few more if the machine was slow; every other one was refused.
-    assert!((15..=20).contains(&errors.len()), "{answer}");
+    // The burst (10) went on, more only as the rate refills (a slow machine); the rest refused.
+    assert!((5..=20).contains(&errors.len()), "{answer}");
     let sent_upstream = || {
         f.received(&h.jid)
             .iter()
