@@ -292,6 +292,27 @@ impl Metrics {
     }
 }
 
+/// Appends the gauges of pages that speak BOSH (SPEC §4b) to a [`Metrics::render`] output:
+/// `boshmux_bosh_pages`, the virtual BOSH sessions of pages (attached, authenticating, or
+/// prebound and not used yet), and `boshmux_prebinds_unused`, the prebinds no page has used yet
+/// (each counts against `pages_per_user` until it is used or expires).
+pub fn render_bosh_pages(out: &mut String, bosh_pages: usize, prebinds_unused: usize) {
+    for (name, help, v) in [
+        (
+            "boshmux_bosh_pages",
+            "Virtual BOSH sessions of pages (attached, authenticating, or prebound and unused).",
+            bosh_pages,
+        ),
+        (
+            "boshmux_prebinds_unused",
+            "Prebinds no page has used yet.",
+            prebinds_unused,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
@@ -338,6 +359,14 @@ mod tests {
         assert!(text.contains("boshmux_fanout_seconds_bucket{le=\"0.00025\"} 0\n"));
         assert!(text.contains("boshmux_fanout_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("boshmux_fanout_seconds_bucket{le=\"0.025\"} 2\n"));
+        let mut bosh = String::new();
+        render_bosh_pages(&mut bosh, 3, 1);
+        assert_eq!(
+            bosh.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>(),
+            ["boshmux_bosh_pages 3", "boshmux_prebinds_unused 1"]
+        );
         assert!(text.contains("boshmux_fanout_seconds_bucket{le=\"+Inf\"} 2\nboshmux_fanout_seconds_sum 0.0203\nboshmux_fanout_seconds_count 2\n"));
     }
 }

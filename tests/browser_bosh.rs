@@ -1,7 +1,7 @@
 //! Pages that speak BOSH in a real headless Chromium: the Django attach example
 //! (contrib/examples/django-attach: Strophe.js `attach()` with a prebind per page load) in two
 //! tabs, and unmodified Converse.js with `authentication: 'prebind'` in two tabs, against
-//! boshmux in front of the Prosody `scripts/test` starts. The checks are in
+//! boshmux in front of each server `scripts/test` starts (Prosody, ejabberd). The checks are in
 //! tests/browser/attach.test.mjs.
 
 mod support;
@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::daemon::{API_KEY, Daemon};
+use support::{Server, both};
 
 /// The example's Python: the venv `scripts/test` makes under target/ with Django installed.
 fn python() -> std::path::PathBuf {
@@ -22,7 +23,8 @@ fn python() -> std::path::PathBuf {
     py
 }
 
-async fn bosh_pages_in_a_real_browser(p: support::Prosody) {
+both!(bosh_pages_of_the_django_example_and_converse_in_chromium);
+async fn bosh_pages_of_the_django_example_and_converse_in_chromium(p: Server) {
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists(),
         "/usr/bin/chromium is missing: scripts/test installs Debian's chromium"
@@ -88,9 +90,4 @@ async fn bosh_pages_in_a_real_browser(p: support::Prosody) {
     assert!(report.contains("pass 6"), "{report}");
     let _ = django.kill().await;
     d.stop().await;
-}
-
-#[tokio::test]
-async fn bosh_pages_of_the_django_example_and_converse_in_chromium() {
-    bosh_pages_in_a_real_browser(support::prosody()).await;
 }

@@ -1,6 +1,9 @@
 //! Pages that speak BOSH (SPEC §4b) against the fake connection manager: the handshake, the rid
 //! window and response cache, terminate, inactivity, hostile input, CORS, prebind and its
-//! limits, and how closes of SPEC §4 reach a BOSH page.
+//! limits, how closes of SPEC §4 reach a BOSH page, and the rules of SPEC §5, §6 and §9 that
+//! hold for every page (send rate, `pages_per_user`, the upgrade bucket, the handshake timeout,
+//! the grace buffer). Against both real servers: rooms, presence replay, and BOSH and WebSocket
+//! pages sharing one session (groups g30, g37, g38).
 
 mod support;
 
@@ -10,8 +13,8 @@ use boshmux::config::Config;
 use boshmux::fake_cm::FakeCm;
 use boshmux::xmpp::{Element, ns};
 use support::bosh_page::{BoshPage, post, terminate_condition};
-use support::chat;
-use support::daemon::{Daemon, ORIGIN};
+use support::daemon::{API_KEY, Daemon, ORIGIN};
+use support::{Server, both, chat};
 
 async fn fake() -> FakeCm {
     support::fake_with(&[("u0", "p0"), ("u1", "p1")]).await
@@ -27,6 +30,25 @@ fn from_contact(text: &str) -> Element {
 
 async fn pages_of(d: &Daemon) -> u64 {
     d.info("u0@example.test").await["pages"].as_u64().unwrap()
+}
+
+/// `boshmux_bosh_pages` and `boshmux_prebinds_unused` from `/metrics`.
+async fn bosh_gauges(d: &Daemon) -> (u64, u64) {
+    let text = reqwest::get(d.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    };
+    (
+        gauge("boshmux_bosh_pages"),
+        gauge("boshmux_prebinds_unused"),
+    )
 }
 
 #[tokio::test]
@@ -258,6 +280,20 @@ async fn cors_is_answered_for_allowed_origins_only() {
             .to_lowercase()
             .contains("content-type")
     );
+    // A preflight is a browser's: without an Origin it is refused.
+    let no_origin = http
+        .request(reqwest::Method::OPTIONS, d.url("/http-bind"))
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_origin.status(), 403);
+    assert!(
+        no_origin
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
     let refused = preflight("https://evil.example").await.unwrap();
     assert_eq!(refused.status(), 403);
     assert!(
@@ -267,8 +303,18 @@ async fn cors_is_answered_for_allowed_origins_only() {
             .is_none()
     );
 
-    let (_, created) = BoshPage::create(&d, Some(ORIGIN), 1).await;
-    assert!(created.attr("sid").is_some());
+    // The POST itself from the allowed origin: allowed with credentials, per origin.
+    let created = post(
+        &d.url("/http-bind"),
+        Some(ORIGIN),
+        "<body xmlns='http://jabber.org/protocol/httpbind' rid='5' to='example.test' wait='1' hold='1'/>",
+    )
+    .await;
+    assert_eq!(created.status, 200);
+    assert!(created.body().attr("sid").is_some(), "{}", created.text);
+    assert_eq!(created.headers["access-control-allow-origin"], ORIGIN);
+    assert_eq!(created.headers["access-control-allow-credentials"], "true");
+    assert_eq!(created.headers["vary"], "Origin");
     let a = post(
         &d.url("/http-bind"),
         Some("https://evil.example"),
@@ -407,6 +453,21 @@ async fn prebind_called_in_a_loop_never_leaves_more_than_pages_per_user() {
     }
     // Only the last three (4 minus the page attached) are live, and attach. (Their first
     // requests are held, as a page's poll is: they run on their own.)
+    // The daemon holds three virtual sessions, all unused prebinds: nothing was left behind.
+    assert_eq!(bosh_gauges(&d).await, (3, 3));
+    let status = reqwest::Client::new()
+        .get(d.url("/status"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        status.contains("<b>3</b> virtual BOSH sessions (<b>3</b> unused prebinds)"),
+        "{status}"
+    );
     let (evicted, newest) = sids.split_at(sids.len() - 3);
     let mut live = Vec::new();
     for (sid, rid) in newest {
@@ -430,6 +491,7 @@ async fn prebind_called_in_a_loop_never_leaves_more_than_pages_per_user() {
         );
     }
     assert_eq!(pages_of(&d).await, 4);
+    assert_eq!(bosh_gauges(&d).await, (3, 0));
     // Every slot holds an attached page: nothing to evict, a clear 429.
     let (status, json) = prebind(&d, "u0", None).await;
     assert_eq!(status, 429, "{json}");
@@ -490,11 +552,12 @@ async fn a_bosh_page_that_does_not_poll_is_ended_when_its_queue_is_full() {
     d.stop().await;
 }
 
-/// Against the real Prosody `scripts/test` starts: two BOSH pages (one logged in with the token,
-/// one prebound) and one WebSocket page of one user share the session — a contact's message
-/// reaches all three, a BOSH page's send reaches the others as a carbon, iq answers go to the
-/// page that asked.
-async fn bosh_and_websocket_pages_share_one_session(p: support::Prosody) {
+// Against each real server `scripts/test` starts: two BOSH pages (one logged in with the token,
+// one prebound) and one WebSocket page of one user share the session — a contact's message
+// reaches all three, a BOSH page's send reaches the others as a carbon, iq answers go to the
+// page that asked.
+both!(bosh_and_websocket_pages_share_one_session);
+async fn bosh_and_websocket_pages_share_one_session(p: Server) {
     let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
     let me = format!("g30a@{}", p.domain);
     let h = d.handoff("g30a", "pw-g30a").await;
@@ -598,6 +661,422 @@ async fn bosh_and_websocket_pages_share_one_session(p: support::Prosody) {
 }
 
 #[tokio::test]
-async fn prosody_bosh_and_websocket_pages_share_one_session() {
-    bosh_and_websocket_pages_share_one_session(support::prosody()).await;
+async fn the_prebind_call_refuses_browsers_missing_keys_and_bodies_not_declared_json() {
+    let f = fake().await;
+    let d = daemon(&f, |_| {}).await;
+    let url = d.url("/api/v1/sessions/u0@example.test/prebind");
+    let http = reqwest::Client::new();
+    let json = r#"{"password": "p0"}"#;
+    let no_key = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(json)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status(), 401);
+    let browser = http
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .header("origin", ORIGIN)
+        .header("content-type", "application/json")
+        .body(json)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(browser.status(), 403);
+    let not_json = http
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .header("content-type", "text/plain")
+        .body(json)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), 415);
+    let err: serde_json::Value = serde_json::from_slice(&not_json.bytes().await.unwrap()).unwrap();
+    assert!(err["error"].is_string(), "{err}");
+    // None of them logged in; the same body declared JSON does.
+    assert_eq!(
+        d.api(
+            reqwest::Method::GET,
+            "/api/v1/sessions/u0@example.test",
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    let ok = http
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json; charset=utf-8")
+        .body(json)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_bosh_page_sending_too_fast_gets_resource_constraint_errors() {
+    let f = fake().await;
+    let d = daemon(&f, |c| c.limits.page_send_rate = 5).await;
+    let h = d.handoff("u0", "p0").await;
+    let mut page = BoshPage::login(&d, "u0", &h.token).await;
+    // 30 messages in one request: over the burst (twice the rate), each gets an error.
+    let burst: String = (0..30)
+        .map(|i| {
+            chat("u1@example.test", "spam")
+                .with_attr("id", format!("s{i}"))
+                .to_xml()
+        })
+        .collect();
+    let answer = page.request(&burst).await;
+    let errors: Vec<&Element> = answer
+        .elements()
+        .filter(|e| e.attr("type") == Some("error"))
+        .collect();
+    for err in &errors {
+        assert!(
+            err.child("error", ns::CLIENT)
+                .and_then(|e| e.child("resource-constraint", ns::STANZAS))
+                .is_some(),
+            "{err}"
+        );
+    }
+    // The burst (10) went on, more only as the rate refills (a slow machine); the rest refused.
+    assert!((5..=20).contains(&errors.len()), "{answer}");
+    let sent_upstream = || {
+        f.received(&h.jid)
+            .iter()
+            .filter(|s| s.attr("id").is_some_and(|id| id.starts_with('s')))
+            .count()
+    };
+    support::eventually(
+        "the accepted ones upstream",
+        Duration::from_secs(10),
+        || async { (sent_upstream() == 30 - errors.len()).then_some(()) },
+    )
+    .await;
+    assert_eq!(pages_of(&d).await, 1, "the page stays");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn pages_per_user_counts_bosh_and_websocket_pages_together() {
+    let f = fake().await;
+    let d = daemon(&f, |c| c.limits.pages_per_user = 4).await;
+    let h = d.handoff("u0", "p0").await;
+    let _ws1 = d.page("u0", &h.token).await;
+    let _b1 = BoshPage::login(&d, "u0", &h.token).await;
+    let _ws2 = d.page("u0", &h.token).await;
+    let _b2 = BoshPage::login(&d, "u0", &h.token).await;
+    assert_eq!(pages_of(&d).await, 4);
+    // A fifth page over BOSH: refused at bind with the condition README names for 4003.
+    let mut fifth = BoshPage::authenticated(&d, "u0", &h.token).await;
+    let refused = fifth.bind_answer().await;
+    assert_eq!(
+        terminate_condition(&refused).as_deref(),
+        Some("policy-violation"),
+        "{refused}"
+    );
+    // And over WebSocket: 4003.
+    let mut ws = support::daemon::Page::open(&d, &[]).await.unwrap();
+    ws.open_stream().await;
+    let answer = ws.auth("PLAIN", &format!("\0u0\0{}", h.token)).await;
+    assert!(answer.is("success", ns::SASL), "{answer}");
+    assert_eq!(ws.bind().await.unwrap_err().code, 4003);
+    assert_eq!(pages_of(&d).await, 4);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn bosh_page_creation_over_the_per_client_rate_is_refused_with_429() {
+    let f = fake().await;
+    let d = daemon(&f, |c| {
+        c.limits.upgrade_rate = 1000;
+        c.limits.upgrade_rate_per_client = 2;
+    })
+    .await;
+    let create = "<body xmlns='http://jabber.org/protocol/httpbind' rid='9' to='example.test' wait='1' hold='1'/>";
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for _ in 0..8 {
+        let a = post(&d.url("/http-bind"), None, create).await;
+        if a.status == 429 {
+            refusal = Some(a.body());
+        }
+        statuses.push(a.status);
+    }
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    let refusal = refusal.unwrap_or_else(|| panic!("never refused: {statuses:?}"));
+    assert_eq!(
+        terminate_condition(&refusal).as_deref(),
+        Some("policy-violation"),
+        "{refusal}"
+    );
+    // The bucket is this client's: another address still gets in.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap()
+        .post(d.url("/http-bind"))
+        .header("content-type", "text/xml; charset=utf-8")
+        .body(create)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    d.stop().await;
+}
+
+/// CPU time this thread has used (user + system), from /proc (clock ticks of 10 ms).
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // Fields 14 and 15 of proc(5), counted from the state (field 3) here.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// The daemon runs on this test's one thread (a current-thread runtime), so the thread's CPU
+/// time is the daemon's.
+#[tokio::test]
+async fn a_bosh_page_that_never_authenticates_is_ended_after_the_handshake_timeout() {
+    let f = fake().await;
+    let d = daemon(&f, |c| {
+        c.limits.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (mut waiting, _) = BoshPage::create(&d, None, 5).await;
+    let (mut silent, _) = BoshPage::create(&d, None, 5).await;
+    // A request held past the deadline is answered with the end.
+    let end = waiting.request("").await;
+    assert_eq!(
+        terminate_condition(&end).as_deref(),
+        Some("remote-stream-error"),
+        "{end}"
+    );
+    assert!(
+        end.child("error", ns::STREAM)
+            .and_then(|e| e.child("connection-timeout", ns::STREAMS))
+            .is_some(),
+        "{end}"
+    );
+    // A page with no request held learns it at its next request; meanwhile its ended task
+    // sleeps (it once woke for the past deadline in a loop, a core busy until `inactivity`).
+    let before = thread_cpu();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = thread_cpu() - before;
+    assert!(
+        spent < Duration::from_millis(300),
+        "{spent:?} of CPU in 2 s with one ended page idle"
+    );
+    let end = silent.request("").await;
+    assert!(
+        end.child("error", ns::STREAM)
+            .and_then(|e| e.child("connection-timeout", ns::STREAMS))
+            .is_some(),
+        "{end}"
+    );
+    let after = silent.request("").await;
+    assert_eq!(
+        terminate_condition(&after).as_deref(),
+        Some("item-not-found")
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_bosh_page_back_within_the_grace_period_gets_what_arrived_meanwhile() {
+    let f = fake().await;
+    let d = daemon(&f, |c| c.grace = Duration::from_secs(60)).await;
+    let h = d.handoff("u0", "p0").await;
+    let mut page = BoshPage::login(&d, "u0", &h.token).await;
+    let rid = page.rid;
+    let bye = page
+        .raw(
+            rid,
+            &format!(
+                "<body xmlns='http://jabber.org/protocol/httpbind' rid='{rid}' sid='{}' type='terminate'/>",
+                page.sid
+            ),
+        )
+        .await;
+    assert_eq!(terminate_condition(&bye.body()).as_deref(), Some(""));
+    page.rid += 1;
+    assert_eq!(pages_of(&d).await, 0);
+    for text in ["first", "second", "third"] {
+        assert_eq!(f.push("u0@example.test", from_contact(text)), 1);
+    }
+    support::eventually(
+        "three buffered messages",
+        Duration::from_secs(10),
+        || async { (d.info("u0@example.test").await["buffered"] == 3).then_some(()) },
+    )
+    .await;
+    let mut back = BoshPage::login(&d, "u0", &h.token).await;
+    for want in ["first", "second", "third"] {
+        assert_eq!(
+            support::body_text(&back.next_message().await).as_deref(),
+            Some(want)
+        );
+    }
+    // Delivered once: a page after it gets only what comes next.
+    let mut other = BoshPage::login(&d, "u0", &h.token).await;
+    f.push("u0@example.test", from_contact("fourth"));
+    assert_eq!(
+        support::body_text(&other.next_message().await).as_deref(),
+        Some("fourth")
+    );
+    assert_eq!(
+        support::body_text(&back.next_message().await).as_deref(),
+        Some("fourth")
+    );
+    d.stop().await;
+}
+
+/// Waits for an available presence from `from` (bare JID prefix) at a BOSH page.
+async fn sees_online(page: &mut BoshPage, from: &str) {
+    page.next_where(|e| {
+        e.is("presence", ns::CLIENT)
+            && e.attr("type").is_none()
+            && e.attr("from").is_some_and(|f| f.starts_with(from))
+    })
+    .await;
+}
+
+both!(a_late_bosh_page_gets_contacts_presence_replayed);
+async fn a_late_bosh_page_gets_contacts_presence_replayed(p: Server) {
+    let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
+    let h = d.handoff("g37a", "pw-g37a").await;
+    let mut first = d.page("g37a", &h.token).await;
+    let _b = p.contact("g37b", "other").await;
+    let contact = format!("g37b@{}/", p.domain);
+    first.send(&Element::new("presence", ns::CLIENT)).await;
+    first
+        .next_where(|e| {
+            e.is("presence", ns::CLIENT)
+                && e.attr("type").is_none()
+                && e.attr("from").is_some_and(|f| f.starts_with(&contact))
+        })
+        .await;
+    // The contact's presence came once, before this page: it is replayed from memory.
+    let mut late = BoshPage::login(&d, "g37a", &h.token).await;
+    late.send(&Element::new("presence", ns::CLIENT)).await;
+    sees_online(&mut late, &contact).await;
+    d.stop().await;
+}
+
+fn muc_join(room: &str, nick: &str) -> Element {
+    Element::new("presence", ns::CLIENT)
+        .with_attr("to", format!("{room}/{nick}"))
+        .with_child(
+            Element::new("x", ns::MUC)
+                .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
+        )
+}
+
+fn is_self_presence(e: &Element) -> bool {
+    e.is("presence", ns::CLIENT)
+        && e.child("x", ns::MUC_USER).is_some_and(|x| {
+            x.elements()
+                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
+        })
+}
+
+both!(a_room_joined_from_a_websocket_and_a_bosh_page_is_joined_once_and_left_with_the_last);
+async fn a_room_joined_from_a_websocket_and_a_bosh_page_is_joined_once_and_left_with_the_last(
+    p: Server,
+) {
+    const LIMIT: Duration = Duration::from_secs(15);
+    let d = Daemon::start(&p.bosh, &p.domain, |_| {}).await;
+    let room = format!("g38room@{}", p.muc);
+    // The contact is in the room first (an instant room) and watches who comes and goes.
+    let mut b = p.contact("g38b", "other").await;
+    b.handle.send(muc_join(&room, "bee")).await.unwrap();
+    loop {
+        if is_self_presence(&support::next_stanza(&mut b.events, LIMIT).await) {
+            break;
+        }
+    }
+    let instant = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("id", "instant")
+        .with_attr("to", room.as_str())
+        .with_child(
+            Element::new("query", "http://jabber.org/protocol/muc#owner")
+                .with_child(Element::new("x", "jabber:x:data").with_attr("type", "submit")),
+        );
+    b.handle.send(instant).await.unwrap();
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.is("iq", ns::CLIENT) && s.attr("id") == Some("instant") {
+            assert_eq!(s.attr("type"), Some("result"), "{s}");
+            break;
+        }
+    }
+
+    let h = d.handoff("g38a", "pw-g38a").await;
+    let mut ws = d.page("g38a", &h.token).await;
+    let mut bosh = BoshPage::login(&d, "g38a", &h.token).await;
+    ws.send(&muc_join(&room, "ay")).await;
+    ws.next_where(is_self_presence).await;
+    // The BOSH page joins second: the room is replayed to it (the other occupant, then itself).
+    let bee = format!("{room}/bee");
+    bosh.send(&muc_join(&room, "ay")).await;
+    bosh.next_where(|e| e.is("presence", ns::CLIENT) && e.attr("from") == Some(bee.as_str()))
+        .await;
+    bosh.next_where(is_self_presence).await;
+    bosh.sync().await;
+
+    // The BOSH page leaves first: it sees itself leave, the room does not.
+    let from_ay = format!("{room}/ay");
+    let leave = Element::new("presence", ns::CLIENT)
+        .with_attr("to", from_ay.as_str())
+        .with_attr("type", "unavailable");
+    bosh.send(&leave).await;
+    let gone = bosh
+        .next_where(|e| e.attr("from") == Some(from_ay.as_str()))
+        .await;
+    assert_eq!(gone.attr("type"), Some("unavailable"), "{gone}");
+    bosh.sync().await;
+    ws.send(&chat(&room, "still in").with_attr("type", "groupchat"))
+        .await;
+    let mut joins = 0;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") != Some(from_ay.as_str()) {
+            continue;
+        }
+        if s.is("presence", ns::CLIENT) {
+            assert_ne!(
+                s.attr("type"),
+                Some("unavailable"),
+                "left upstream while a page was still in"
+            );
+            joins += 1;
+        } else if s.is("message", ns::CLIENT) {
+            assert_eq!(support::body_text(&s).as_deref(), Some("still in"));
+            break;
+        }
+    }
+    assert_eq!(joins, 1, "joined upstream exactly once");
+    // The last page leaves: now the room sees us go.
+    ws.send(&leave).await;
+    loop {
+        let s = support::next_stanza(&mut b.events, LIMIT).await;
+        if s.attr("from") == Some(from_ay.as_str()) && s.is("presence", ns::CLIENT) {
+            assert_eq!(s.attr("type"), Some("unavailable"), "{s}");
+            break;
+        }
+    }
+    d.stop().await;
 }

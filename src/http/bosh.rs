@@ -200,6 +200,25 @@ async fn answer(
     (StatusCode::OK, reply)
 }
 
+/// Whether `Content-Type` is `application/json` or `application/*+json` (parameters aside), as
+/// the other API bodies must be.
+fn declared_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 /// `POST /api/v1/sessions/{bare_jid}/prebind` body: the password when the user may have no
 /// live session (as `POST /api/v1/sessions`); nothing otherwise.
 #[derive(Debug, Default, Deserialize)]
@@ -223,10 +242,15 @@ pub struct PrebindResponse {
 pub async fn prebind(
     State(st): State<AppState>,
     Path(jid): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<PrebindResponse>), ApiError> {
+    // The body is optional; one that is there is JSON, declared so (415 otherwise, as every API
+    // body).
     let req: PrebindRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PrebindRequest::default()
+    } else if !declared_json(&headers) {
+        return Err(ApiError::NotJson);
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
     };

@@ -19,6 +19,11 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
     let sessions = st.registry.all();
     let pages = sessions.iter().map(|s| s.info().pages).sum();
     let mut body = st.registry.metrics.render(sessions.len(), pages);
+    crate::metrics::render_bosh_pages(
+        &mut body,
+        st.bosh_pages.len(),
+        st.bosh_pages.unused_prebinds_total(),
+    );
     if let Some(cluster) = st.cluster() {
         cluster_metrics(&mut body, cluster).await;
     }
@@ -128,6 +133,8 @@ fn status_page(
     if sessions.is_empty() {
         rows.push_str("<tr><td colspan=10 class=empty>No sessions.</td></tr>");
     }
+    let bosh_pages = st.bosh_pages.len();
+    let prebinds_unused = st.bosh_pages.unused_prebinds_total();
     let cluster = census.map_or_else(String::new, |census| {
         let nodes: Vec<String> = census
             .iter()
@@ -146,7 +153,7 @@ fn status_page(
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>boshmux status</title>\
          <meta http-equiv=refresh content=5><style>{STYLE}</style></head><body>\
          <h1>boshmux <span>status</span></h1>\
-         <p class=summary><b>{}</b> sessions · <b>{pages}</b> pages · listening on {listen} · upstream {upstream}{cluster}</p>\
+         <p class=summary><b>{}</b> sessions · <b>{pages}</b> pages · <b>{bosh_pages}</b> virtual BOSH sessions (<b>{prebinds_unused}</b> unused prebinds) · listening on {listen} · upstream {upstream}{cluster}</p>\
          <table><thead><tr><th>Session</th><th>Upstream</th><th>Pages</th><th>Next rid</th><th>Age</th>\
          <th>Last activity</th><th>Stanzas in / out</th><th>Buffered</th><th>Re-logins</th><th>Node</th></tr></thead>\
          <tbody>{rows}</tbody></table><p class=foot>Refreshes every 5 s. Metrics: <a href=/metrics>/metrics</a></p>\

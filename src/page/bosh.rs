@@ -123,6 +123,19 @@ impl BoshPages {
         self.len() == 0
     }
 
+    /// Unused prebinds of every user (for `/metrics` and `/status`).
+    pub fn unused_prebinds_total(&self) -> usize {
+        self.sessions
+            .lock()
+            .values()
+            .filter(|e| {
+                e.prebind
+                    .as_ref()
+                    .is_some_and(|(_, unused)| unused.load(Ordering::Relaxed))
+            })
+            .count()
+    }
+
     /// Unused prebinds of `bare`.
     pub fn unused_prebinds(&self, bare: &Jid) -> usize {
         self.sessions
@@ -523,7 +536,10 @@ impl VirtualPage {
         if let Some(h) = self.held.front() {
             wake = self.held.iter().map(|h| h.until).min().unwrap_or(h.until);
         }
-        if !matches!(self.phase, Phase::Bound(_) | Phase::Prebound { .. }) {
+        // Once the page's end is decided, the handshake deadline no longer matters: waking for
+        // it (long past) would spin the task until the page goes inactive.
+        if !matches!(self.phase, Phase::Bound(_) | Phase::Prebound { .. }) && self.ending.is_none()
+        {
             wake = wake.min(handshake_deadline);
         }
         wake

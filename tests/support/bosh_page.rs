@@ -121,6 +121,22 @@ impl BoshPage {
 
     /// Creates a page and logs in with PLAIN and `token`; returns it bound.
     pub async fn login(d: &Daemon, user: &str, token: &str) -> BoshPage {
+        let mut page = BoshPage::authenticated(d, user, token).await;
+        let r = page.bind_answer().await;
+        page.jid = r
+            .elements()
+            .find_map(|c| {
+                c.child("bind", ns::BIND)?
+                    .child("jid", ns::BIND)
+                    .map(Element::text)
+            })
+            .unwrap_or_else(|| panic!("no bind result: {r}"));
+        page
+    }
+
+    /// Creates a page, authenticates with PLAIN and `token` and restarts the stream: the page
+    /// is ready to bind.
+    pub async fn authenticated(d: &Daemon, user: &str, token: &str) -> BoshPage {
         let (mut page, created) = BoshPage::create(d, None, 1).await;
         assert!(created.child("features", ns::STREAM).is_some(), "{created}");
         let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{token}"));
@@ -143,20 +159,35 @@ impl BoshPage {
             .body();
         page.rid += 1;
         assert!(restart.child("features", ns::STREAM).is_some(), "{restart}");
-        let r = page
-            .request(
-                "<iq xmlns='jabber:client' type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>tab</resource></bind></iq>",
-            )
-            .await;
-        page.jid = r
-            .elements()
-            .find_map(|c| {
-                c.child("bind", ns::BIND)?
-                    .child("jid", ns::BIND)
-                    .map(Element::text)
-            })
-            .unwrap_or_else(|| panic!("no bind result: {r}"));
         page
+    }
+
+    /// Sends the bind request; the response body (the bind result, or the page's end).
+    pub async fn bind_answer(&mut self) -> Element {
+        self.request(
+            "<iq xmlns='jabber:client' type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>tab</resource></bind></iq>",
+        )
+        .await
+    }
+
+    /// A round trip through the session: everything this page sent before has been handled
+    /// (stanzas received meanwhile are dropped).
+    pub async fn sync(&mut self) {
+        let id = format!("sync-{}", rand::random::<u32>());
+        let domain = xmpp::Jid::parse(&self.jid)
+            .expect("bound")
+            .domain()
+            .to_owned();
+        let ping = Element::new("iq", ns::CLIENT)
+            .with_attr("type", "get")
+            .with_attr("id", id.clone())
+            .with_attr("to", domain)
+            .with_child(Element::new("ping", ns::PING));
+        self.send(&ping).await;
+        let reply = self
+            .next_where(|e| e.is("iq", ns::CLIENT) && e.attr("id") == Some(id.as_str()))
+            .await;
+        assert_eq!(reply.attr("type"), Some("result"), "{reply}");
     }
 
     /// POSTs raw bytes with `rid` (the caller's business); the answer.
