@@ -63,7 +63,7 @@ dir $_redis_dir
 logfile $_redis_dir/redis.log
 save ""
 appendonly no
-databases 16
+databases 32
 CONF
 	redis-server "$_redis_dir/redis.conf" </dev/null >>"$_redis_dir/console.log" 2>&1 &
 	_redis_pid=$!

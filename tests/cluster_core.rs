@@ -4,9 +4,9 @@
 //! no message; a frozen owner that wakes after another node adopted its session sends nothing
 //! more upstream and hands nothing to pages; a graceful stop hands sessions over.
 //!
-//! Redis databases 5–12 of the test Redis (scripts/redis.sh), one per test and server, emptied
+//! Redis databases 5–12 and 16–17 of the test Redis (scripts/redis.sh), one per test and server, emptied
 //! first, and a private `redis-server` for the test that stops Redis. Accounts: groups g46,
-//! g47, g48, g49, g79.
+//! g47, g48, g49, g79, g39.
 
 mod support;
 
@@ -572,4 +572,51 @@ async fn redis_out_of_reach_then_back_empty_costs_no_session(p: Server) {
         "the first login only"
     );
     no_offline_flap(&mut b, &a);
+}
+
+both!(a_prebound_bosh_page_works_through_any_node);
+async fn a_prebound_bosh_page_works_through_any_node(p: Server) {
+    use support::bosh_page::BoshPage;
+    let url = redis_db(&p, 16).await;
+    let (a, _) = p.user("g39a");
+    let n1 = node(&p, &url, "n1").await;
+    let n2 = node(&p, &url, "n2").await;
+    let n3 = node(&p, &url, "n3").await;
+    n1.daemon.handoff("g39a", "pw-g39a").await;
+    // The web app asks n2 for a prebind: it is made on the owner, n1.
+    let (status, json) = n2
+        .daemon
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/v1/sessions/{a}/prebind"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{json}");
+    let sid = json["sid"].as_str().unwrap();
+    // The browser's requests land on n3: sent on to n1 by the sid.
+    let mut page = BoshPage::attach(
+        &n3.daemon,
+        json["jid"].as_str().unwrap(),
+        sid,
+        json["rid"].as_u64().unwrap(),
+    );
+    page.sync().await;
+    page.send(&Element::new("presence", ns::CLIENT)).await;
+    let mut b = p.contact("g39b", "b").await;
+    sees_available(&mut b, &format!("{a}/boshmux")).await;
+    b.handle.send(chat(&a.to_string(), "via n3")).await.unwrap();
+    assert_eq!(
+        body_text(&page.next_message().await).as_deref(),
+        Some("via n3")
+    );
+    assert_eq!(
+        n1.daemon.info(&a.to_string()).await["pages"],
+        1,
+        "the page is on the owner"
+    );
+    assert_eq!(
+        n2.counter("boshmux_logins_total").await + n3.counter("boshmux_logins_total").await,
+        0
+    );
 }
