@@ -155,6 +155,15 @@ impl DaemonProcess {
             .unwrap_or(0)
     }
 
+    /// The running process's id (for `/proc/<pid>/…`).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("running")
+            .id()
+            .expect("not reaped")
+    }
+
     /// The store directory.
     pub fn store(&self) -> &Path {
         &self.store
