@@ -1,8 +1,8 @@
 //! The daemon's memory around a contact's stanza that expands upstream (issue 15 point 1): a
 //! 180 KiB message that Prosody relays as a ~30 MB BOSH response (30 510 296 bytes from Prosody
-//! 0.12.3, measured while writing this test) once made the daemon grow from
-//! 10 to 133 MB and keep it. The response is now read one stanza at a time under a cap, so the
-//! daemon's peak stays near where it was. Measured on a real `boshmux serve` process
+//! 0.12.3, measured while writing this test) once made the daemon grow from 10 to 133 MB and
+//! keep it. The response is now read one stanza at a time under a cap, so the daemon's peak
+//! stays near where it was. Measured on a real `boshmux serve` process
 //! (`/proc/<pid>/status`) against the real Prosody; accounts g45a (user) and g45b (contact).
 
 mod support;
