@@ -3,7 +3,8 @@
 //! keeps arriving, so a huge response is read once and its rid is not resent to bring the same
 //! response again. A body that stops arriving is still a failure, and the rid is resent.
 //!
-//! On paused time, over the in-memory transport: the test plays the connection manager.
+//! On paused time over the in-memory transport, and on real time over HTTP through reqwest: the
+//! test plays the connection manager.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -220,4 +221,143 @@ async fn a_response_that_stops_arriving_times_out_and_its_rid_is_resent() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+/// Serves BOSH over real HTTP/1.1 on `listener`: the first request for [`FIRST`] is answered
+/// with `whole` written in `n` pieces `gap` apart (the head at once), any other request after
+/// 300 ms with an empty body. Every rid received goes to `rids`.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    whole: Bytes,
+    n: usize,
+    gap: Duration,
+    rids: mpsc::UnboundedSender<u64>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let first = Arc::new(Mutex::new(Some(trickled(&whole, n, gap))));
+    let size = whole.len();
+    loop {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let (first, rids) = (first.clone(), rids.clone());
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                // One request: the head up to the blank line, then Content-Length bytes.
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < head_end + len {
+                    let mut chunk = [0u8; 4096];
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                let request = Bytes::copy_from_slice(&buf[head_end..head_end + len]);
+                buf.drain(..head_end + len);
+                let rid = rid_of(&request);
+                let _ = rids.send(rid);
+                let pieces = if rid == FIRST {
+                    first.lock().unwrap().take()
+                } else {
+                    None
+                };
+                let (pieces, size) = match pieces {
+                    Some(p) => (p, size),
+                    None => {
+                        let empty = Body {
+                            element: Element::new("body", ns::HTTPBIND),
+                        }
+                        .to_bytes();
+                        (
+                            vec![(Duration::from_millis(300), empty.clone())],
+                            empty.len(),
+                        )
+                    }
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/xml; charset=utf-8\r\ncontent-length: {size}\r\n\r\n"
+                );
+                if rid != FIRST {
+                    tokio::time::sleep(pieces[0].0).await;
+                }
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for (delay, piece) in pieces {
+                    if rid == FIRST {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if conn.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The same over a real socket and real time, through reqwest: 1 s `wait` + 1 s margin, a body
+/// written over 3 s in pieces 100 ms apart.
+#[tokio::test]
+async fn over_http_a_body_streaming_past_the_deadline_is_read_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/http-bind", listener.local_addr().unwrap());
+    let text = "z".repeat(300 * 1024);
+    let whole = response(&text);
+    let (rids_tx, mut rids) = mpsc::unbounded_channel();
+    let server = tokio::spawn(serve_http(
+        listener,
+        whole,
+        30,
+        Duration::from_millis(100),
+        rids_tx,
+    ));
+    let metrics = Arc::new(Metrics::default());
+    let mut cfg = BoshConfig::new(url);
+    cfg.timeouts.attach_wait = Duration::from_secs(1);
+    cfg.timeouts.margin = Duration::from_secs(1);
+    cfg.metrics = metrics.clone();
+    let mut session = BoshClient::new(cfg)
+        .unwrap()
+        .attach(
+            Jid::parse("alice@example.test/tab").unwrap(),
+            "sid-slow".into(),
+            FIRST,
+            &Store::memory(),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let (stanzas, retries) = first_response(&mut session).await;
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(text_of(&stanzas), [text.len()]);
+    assert!(retries.is_empty(), "resent: {retries:?}");
+    let mut first_sent = 0;
+    while let Ok(rid) = rids.try_recv() {
+        first_sent += usize::from(rid == FIRST);
+    }
+    assert_eq!(first_sent, 1);
+    assert_eq!(
+        metrics
+            .upstream_retries
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    server.abort();
 }
