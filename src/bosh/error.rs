@@ -9,9 +9,13 @@ use super::body::BodyError;
 /// A failed HTTP round trip that may succeed when repeated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
-    /// No answer within `wait` plus the margin.
+    /// No response head (status and headers) within `wait` plus the margin.
     #[error("no response within {0:?}")]
     Timeout(std::time::Duration),
+    /// A response body that stopped arriving: no chunk for this long after the head or the
+    /// previous chunk ([`Transport::body_idle`](super::Transport::body_idle)).
+    #[error("response body stalled for {0:?}")]
+    Stalled(std::time::Duration),
     /// The connection failed or was reset before a full response arrived.
     #[error("connection failed: {0}")]
     Connection(String),

@@ -73,7 +73,8 @@ impl BoshClient {
     pub fn new(config: BoshConfig) -> Result<BoshClient, BoshError> {
         let transport = Transport::new(&config.url)
             .map_err(BoshError::Setup)?
-            .with_read_limits(config.read_limits);
+            .with_read_limits(config.read_limits)
+            .with_body_idle(config.timeouts.margin);
         Ok(BoshClient {
             config: Arc::new(config),
             transport,
@@ -88,7 +89,9 @@ impl BoshClient {
     /// A client over `transport` (e.g. [`Transport::channel`] in tests) instead of HTTP to
     /// `config.url`.
     pub fn with_transport(config: BoshConfig, transport: Transport) -> BoshClient {
-        let transport = transport.with_read_limits(config.read_limits);
+        let transport = transport
+            .with_read_limits(config.read_limits)
+            .with_body_idle(config.timeouts.margin);
         BoshClient {
             config: Arc::new(config),
             transport,

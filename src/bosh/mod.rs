@@ -82,7 +82,9 @@ impl BoshConfig {
 /// Deadlines and retry policy of the BOSH client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// How much longer than `wait` a held request may take before it counts as lost.
+    /// How much longer than `wait` a held request may take to get its response head before it
+    /// counts as lost; also the longest silence between two chunks of a response body (a body
+    /// that keeps arriving is read to its end, however long it takes).
     pub margin: Duration,
     /// First delay before resending a failed request.
     pub backoff_initial: Duration,

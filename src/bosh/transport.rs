@@ -1,6 +1,11 @@
 //! One HTTP POST of a BOSH body, with a deadline. Retrying is the scheduler's business.
+//!
+//! The deadline (`wait` plus the margin) covers the response head only: once the connection
+//! manager answered 200, the body is read for as long as bytes keep arriving, with at most
+//! [`Transport::body_idle`] between two chunks. A huge response that takes longer than the
+//! deadline to stream is thus read once; timing it out would resend the rid and bring the same
+//! response again (issue 15). A body that stops arriving is still a transient failure.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +32,8 @@ pub struct Transport {
     http: reqwest::Client,
     url: reqwest::Url,
     limits: ReadLimits,
+    /// Longest silence between two chunks of a response body once its head arrived.
+    body_idle: Duration,
     /// Set for an in-memory transport ([`Transport::channel`]): requests go there, not to `url`.
     channel: Option<mpsc::UnboundedSender<(Bytes, oneshot::Sender<Answer>)>>,
 }
@@ -37,6 +44,10 @@ pub enum Answer {
     /// HTTP 200 with these body bytes, read as a real response is (the reader's limits apply;
     /// broken framing is a transient failure).
     Body(Bytes),
+    /// HTTP 200 whose body arrives in these chunks, each after its delay (tokio's clock, so
+    /// paused time works): a response streamed slowly, or one that stalls. The request deadline
+    /// ends at the head; a delay over [`Transport::body_idle`] is a transient failure.
+    Chunks(Vec<(Duration, Bytes)>),
     /// Another HTTP status, with the reason phrase when it is not the standard one.
     Status(u16, Option<String>),
     /// A transient failure (connection reset, proxy cut, …): the request may have reached the
@@ -60,6 +71,7 @@ impl Transport {
             http,
             url,
             limits: ReadLimits::DEFAULT,
+            body_idle: BODY_IDLE,
             channel: None,
         })
     }
@@ -86,6 +98,20 @@ impl Transport {
         self
     }
 
+    /// The same transport allowing `idle` between two chunks of a response body (default
+    /// [`BODY_IDLE`]; [`BoshClient`](super::BoshClient) sets the margin of its
+    /// [`Timeouts`](super::Timeouts)).
+    #[must_use]
+    pub fn with_body_idle(mut self, idle: Duration) -> Transport {
+        self.body_idle = idle;
+        self
+    }
+
+    /// Longest silence allowed between two chunks of a response body, once its head arrived.
+    pub fn body_idle(&self) -> Duration {
+        self.body_idle
+    }
+
     /// The connection manager's URL.
     pub fn url(&self) -> &str {
         self.url.as_str()
@@ -96,6 +122,10 @@ impl Transport {
     /// not failures. A response whose framing cannot be read is transient (a proxy may have cut
     /// it short).
     ///
+    /// `timeout` bounds the wait for the response head (status and headers); the body then
+    /// streams as long as no gap between chunks exceeds [`Transport::body_idle`] (a longer gap
+    /// is [`TransportError::Stalled`]).
+    ///
     /// A connection closed before any response, or a gateway's 502/503/504, after the request was
     /// on the wire for [`CUT_MIN_HELD`] or longer is a [`TransportError::Cut`] (SPEC §7):
     /// something in between gave up on a request the server was holding.
@@ -104,9 +134,7 @@ impl Transport {
             return self.post_channel(channel, body, timeout).await;
         }
         let started = Instant::now();
-        // Set once a 200 arrived: what fails after it is no cut, the server had answered.
-        let answered = AtomicBool::new(false);
-        let send = async {
+        let head = async {
             let resp = self
                 .http
                 .post(self.url.clone())
@@ -128,30 +156,70 @@ impl Transport {
                 // ejabberd answers some errors 200 with a terminate body; the reason says more.
                 tracing::info!(reason, "connection manager gave a reason with its answer");
             }
-            let mut resp = resp;
-            answered.store(true, Ordering::Relaxed);
-            let mut reader = BodyReader::new(self.limits);
-            while let Some(chunk) = resp
+            Ok(resp)
+        };
+        let resp = match tokio::time::timeout(timeout, head).await {
+            Ok(Ok(resp)) => resp,
+            // What fails before a 200 may be a cut; what fails after is not, the server answered.
+            Ok(Err(PostError::Transient(e))) => {
+                return Err(PostError::Transient(cut_or(started, e)));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(PostError::Transient(TransportError::Timeout(timeout))),
+        };
+        self.read_body(Chunks::Http(resp)).await
+    }
+
+    /// Reads a 200 answer's body from `chunks` into a [`BodyReader`], allowing
+    /// [`Transport::body_idle`] between two chunks and no bound on the whole.
+    async fn read_body(&self, mut chunks: Chunks) -> Result<Response, PostError> {
+        let transient = PostError::Transient;
+        let mut reader = BodyReader::new(self.limits);
+        loop {
+            let chunk = tokio::time::timeout(self.body_idle, chunks.next())
+                .await
+                .map_err(|_| transient(TransportError::Stalled(self.body_idle)))?
+                .map_err(transient)?;
+            let Some(chunk) = chunk else {
+                break;
+            };
+            reader
+                .feed(&chunk)
+                .map_err(|e| transient(TransportError::BadBody(e)))?;
+        }
+        reader
+            .finish()
+            .map_err(|e| transient(TransportError::BadBody(e)))
+    }
+}
+
+/// Default of [`Transport::body_idle`]: the default margin of
+/// [`Timeouts`](super::Timeouts), the slack allowed a response beyond what the server promised.
+pub const BODY_IDLE: Duration = Duration::from_secs(10);
+
+/// Where the chunks of a response body come from.
+enum Chunks {
+    /// A real HTTP response.
+    Http(reqwest::Response),
+    /// An in-memory [`Answer::Chunks`]: each chunk after its delay.
+    Channel(std::vec::IntoIter<(Duration, Bytes)>),
+}
+
+impl Chunks {
+    /// The next chunk, `None` at the end of the body.
+    async fn next(&mut self) -> Result<Option<Bytes>, TransportError> {
+        match self {
+            Chunks::Http(resp) => resp
                 .chunk()
                 .await
-                .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))?
-            {
-                reader
-                    .feed(&chunk)
-                    .map_err(|e| PostError::Transient(TransportError::BadBody(e)))?;
+                .map_err(|e| TransportError::Connection(error_chain(&e))),
+            Chunks::Channel(chunks) => {
+                let Some((delay, chunk)) = chunks.next() else {
+                    return Ok(None);
+                };
+                tokio::time::sleep(delay).await;
+                Ok(Some(chunk))
             }
-            reader
-                .finish()
-                .map_err(|e| PostError::Transient(TransportError::BadBody(e)))
-        };
-        let result = tokio::time::timeout(timeout, send)
-            .await
-            .unwrap_or(Err(PostError::Transient(TransportError::Timeout(timeout))));
-        match result {
-            Err(PostError::Transient(e)) if !answered.load(Ordering::Relaxed) => {
-                Err(PostError::Transient(cut_or(started, e)))
-            }
-            other => other,
         }
     }
 }
@@ -210,6 +278,7 @@ impl Transport {
                     .and_then(|()| reader.finish())
                     .map_err(|e| PostError::Transient(TransportError::BadBody(e)))
             }
+            Answer::Chunks(chunks) => self.read_body(Chunks::Channel(chunks.into_iter())).await,
             Answer::Status(status, _) if status >= 500 => {
                 Err(PostError::Transient(TransportError::ServerError(status)))
             }

@@ -159,9 +159,10 @@ async fn answer(
     }
     // A new page: the checks of a WebSocket upgrade (SPEC §4, §9).
     let domain = st.config.xmpp_domain.clone().unwrap_or_default();
+    // Any spelling of the domain, prepared as the WebSocket `<open to>` is (SPEC §3a).
     if !body
         .attr("to")
-        .is_some_and(|to| to.eq_ignore_ascii_case(&domain))
+        .is_some_and(|to| Jid::names_domain(to, &domain))
     {
         return (
             StatusCode::OK,

@@ -132,6 +132,15 @@ impl Jid {
     pub fn is_bare(&self) -> bool {
         self.resource.is_none()
     }
+
+    /// Whether `to`, prepared as a JID (SPEC §3a), is the bare domain `domain` (already in
+    /// canonical form): how a stream's or a BOSH session's `to` names this service, in any
+    /// spelling (`LocalHost`, `localhost.`, full-width letters). Text that fails preparation,
+    /// or carries a localpart or resource, is not the domain.
+    pub fn names_domain(to: &str, domain: &str) -> bool {
+        Jid::parse(to)
+            .is_ok_and(|to| to.local.is_none() && to.resource.is_none() && to.domain == domain)
+    }
 }
 
 /// Prepares a localpart or resource with `profile`, then checks its length.
@@ -376,6 +385,23 @@ mod tests {
         ] {
             let once = canonical(s);
             assert_eq!(canonical(&once), once);
+        }
+    }
+
+    #[test]
+    fn a_domain_is_named_in_any_spelling_and_nothing_else() {
+        for to in ["localhost", "LocalHost", "localhost.", "\u{ff4c}ocalhost"] {
+            assert!(Jid::names_domain(to, "localhost"), "{to:?}");
+        }
+        for to in [
+            "example.com",
+            "a@localhost",
+            "localhost/r",
+            "localhost..",
+            "",
+            "local host",
+        ] {
+            assert!(!Jid::names_domain(to, "localhost"), "{to:?}");
         }
     }
 }
