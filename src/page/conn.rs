@@ -21,6 +21,9 @@ use crate::xmpp::{self, Element, Jid, Limits, ns, sasl};
 
 use super::close::{GOING_AWAY, LOST, NORMAL, POLICY, RESTARTING, TOO_MANY_PAGES};
 
+/// How often a page whose session is moving between cluster nodes looks for it again.
+const MOVING_RETRY: Duration = Duration::from_millis(250);
+
 /// Failed SASL attempts allowed before the stream is closed.
 pub(super) const AUTH_ATTEMPTS: u32 = 3;
 
@@ -266,17 +269,34 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
         ));
     }
     // The requested resource is ignored: every page shares the session's one full JID.
-    let (jid, out, queued) = match attach(&session, ctx.page).await {
-        Ok(bound) => bound,
-        Err(AttachError::TooManyPages) => {
-            return Err(Ending::Close(
-                TOO_MANY_PAGES,
-                "too many pages for this user",
-            ));
-        }
-        Err(AttachError::Gone) => return Err(Ending::Close(LOST, "session not available")),
-        Err(AttachError::Moving) => {
-            return Err(Ending::Close(RESTARTING, "session moving; reconnect"));
+    let mut session = session;
+    let waiting_since = Instant::now();
+    let (jid, out, queued) = loop {
+        match attach(&session, ctx.page).await {
+            Ok(bound) => break bound,
+            Err(AttachError::TooManyPages) => {
+                return Err(Ending::Close(
+                    TOO_MANY_PAGES,
+                    "too many pages for this user",
+                ));
+            }
+            Err(AttachError::Gone) => return Err(Ending::Close(LOST, "session not available")),
+            // SPEC §12: the session's owner is gone and its lease not yet expired. The page
+            // waits here for the session to be adopted (bounded by the handshake timeout)
+            // rather than reconnect into the same gap again and again with a growing backoff.
+            Err(AttachError::Moving) => {
+                // Past half the handshake's time the page is told to reconnect (1012) rather
+                // than be cut off by the handshake timeout (1008, which clients do not retry).
+                if waiting_since.elapsed() > ctx.handshake_timeout / 2 {
+                    return Err(Ending::Close(RESTARTING, "session moving; reconnect"));
+                }
+                tokio::time::sleep(MOVING_RETRY).await;
+                session = ctx
+                    .registry
+                    .find(&user)
+                    .await
+                    .ok_or(Ending::Close(LOST, "session not available"))?;
+            }
         }
     };
     tracing::debug!(user = %user, page = ctx.page, "page bound");
