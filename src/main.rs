@@ -64,6 +64,12 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(boshmux::demo::run(listen, accounts, stop_signal()))?;
             Ok(())
         }
+        Command::Load(args) if args.failover_kills > 0 => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(boshmux::load::failover::run(args))?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Load(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(boshmux::load::run(args))?;

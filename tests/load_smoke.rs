@@ -23,6 +23,14 @@ fn args(url: String, api_key: String) -> LoadArgs {
         watch_pids: vec![std::process::id()],
         json: None,
         quiet: true,
+        failover_kills: 0,
+        failover_nodes: vec![],
+        failover_serve: String::new(),
+        failover_haproxy_socket: None,
+        failover_contact_bosh: None,
+        failover_probe: Duration::from_millis(200),
+        failover_limit: Duration::from_secs(30),
+        failover_settle: Duration::from_secs(3),
     }
 }
 

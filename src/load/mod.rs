@@ -7,6 +7,7 @@
 //! given. Every page of the recipient must receive every message: deliveries are counted per
 //! page, latencies measured from the sender's clock (one process, one monotonic clock).
 
+pub mod failover;
 mod page;
 mod report;
 
@@ -77,6 +78,35 @@ pub struct LoadArgs {
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Failover mode (SPEC §12): kill -9 a node this many times instead of the load above; `--url`
+    /// is then HAProxy in front of the `--failover-node`s, which this process starts itself.
+    #[arg(long, default_value_t = 0)]
+    pub failover_kills: usize,
+    /// A node of the cluster as ID=HOST:PORT (its `BOSHMUX_NODE_ID` and listen address);
+    /// repeatable. HAProxy's backend `boshmux` must name its servers by these ids.
+    #[arg(long = "failover-node", value_name = "ID=HOST:PORT")]
+    pub failover_nodes: Vec<String>,
+    /// The command that runs one node (split on spaces), e.g. `taskset -c 0 boshmux serve`; the
+    /// node's listen address, id and advertised URL are set in its environment, the rest of the
+    /// configuration comes from this process's `BOSHMUX_*` variables.
+    #[arg(long, default_value = "")]
+    pub failover_serve: String,
+    /// HAProxy's admin socket (`show stat`: a restarted node is back in rotation).
+    #[arg(long, value_name = "PATH")]
+    pub failover_haproxy_socket: Option<std::path::PathBuf>,
+    /// The XMPP server's BOSH URL, for the contact that sends the probes from outside the cluster
+    /// (account PREFIX{users+1}).
+    #[arg(long, value_name = "BOSH_URL")]
+    pub failover_contact_bosh: Option<String>,
+    /// The interval between two probes to every user.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub failover_probe: Duration,
+    /// How long after a kill a page may take before it counts as never back.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub failover_limit: Duration,
+    /// The pause after a restarted node is back in HAProxy, before the next kill.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub failover_settle: Duration,
 }
 
 impl std::fmt::Debug for LoadArgs {
@@ -98,6 +128,14 @@ impl std::fmt::Debug for LoadArgs {
             json,
             quiet,
             page_transport,
+            failover_kills,
+            failover_nodes,
+            failover_serve,
+            failover_haproxy_socket,
+            failover_contact_bosh,
+            failover_probe,
+            failover_limit,
+            failover_settle,
         } = self;
         f.debug_struct("LoadArgs")
             .field("url", url)
@@ -115,6 +153,14 @@ impl std::fmt::Debug for LoadArgs {
             .field("json", json)
             .field("quiet", quiet)
             .field("page_transport", page_transport)
+            .field("failover_kills", failover_kills)
+            .field("failover_nodes", failover_nodes)
+            .field("failover_serve", failover_serve)
+            .field("failover_haproxy_socket", failover_haproxy_socket)
+            .field("failover_contact_bosh", failover_contact_bosh)
+            .field("failover_probe", failover_probe)
+            .field("failover_limit", failover_limit)
+            .field("failover_settle", failover_settle)
             .finish()
     }
 }

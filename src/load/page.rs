@@ -18,7 +18,7 @@ use super::{LoadArgs, Shared};
 use crate::bosh::{BoshClient, BoshConfig, BoshEvent, BoshHandle};
 use crate::xmpp::{self, Element, Jid, Limits, ns};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// An account of the run. `Debug` hides the password.
 #[derive(Clone)]
@@ -150,6 +150,31 @@ async fn websocket(
     token: &str,
     shared: &Arc<Shared>,
 ) -> Result<Page, String> {
+    let ws = handshake(args, user, token).await?;
+    let (sink, mut stream) = ws.split();
+    let shared = shared.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Text(t) => received(&shared, t.as_str()),
+                Message::Close(frame) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    shared.errors.add(format!("closed by the daemon ({code})"));
+                    break;
+                }
+                _ => {}
+            }
+        }
+    });
+    Ok(Page::Ws {
+        sink: tokio::sync::Mutex::new(sink),
+        reader,
+    })
+}
+
+/// Opens `/ws` at `args.url` and does the RFC 7395 handshake as `user` with PLAIN + `token`:
+/// features, auth, restart, bind, initial presence. Returns the bound stream.
+pub(crate) async fn handshake(args: &LoadArgs, user: &User, token: &str) -> Result<Ws, String> {
     let ws_url = format!(
         "{}/ws",
         args.url.trim_end_matches('/').replacen("http", "ws", 1)
@@ -184,25 +209,7 @@ async fn websocket(
     .await?;
     expect(&mut ws, "iq").await?;
     send(&mut ws, "<presence xmlns='jabber:client'/>").await?;
-    let (sink, mut stream) = ws.split();
-    let shared = shared.clone();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(msg)) = stream.next().await {
-            match msg {
-                Message::Text(t) => received(&shared, t.as_str()),
-                Message::Close(frame) => {
-                    let code = frame.map_or(1005, |f| u16::from(f.code));
-                    shared.errors.add(format!("closed by the daemon ({code})"));
-                    break;
-                }
-                _ => {}
-            }
-        }
-    });
-    Ok(Page::Ws {
-        sink: tokio::sync::Mutex::new(sink),
-        reader,
-    })
+    Ok(ws)
 }
 
 async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, String> {
