@@ -650,7 +650,7 @@ impl Scheduler {
             let _ = written.subscribe().wait_for(|w| *w + 1 >= rid).await;
             let previous = *wire.lock();
             if let Some(at) = previous
-                && *acked.borrow() + 1 < rid
+                && acked.borrow().saturating_add(1) < rid
             {
                 tokio::time::sleep_until(at + ORDER_GAP).await;
             }
