@@ -294,8 +294,7 @@ impl Cluster {
     /// Adopts `bare`'s orphaned session and waits until it is live here: `None` when another
     /// node won the race, or the record could not be resumed.
     pub async fn adopt_now(&self, bare: &Jid) -> Option<SessionHandle> {
-        let handle = self.adopt(&bare.to_string()).await.ok()??;
-        matches!(handle.ready().await, Readiness::Ready(_)).then_some(handle)
+        adopt_live(&self.redis, &self.registry, &bare.to_string()).await
     }
 
     /// The live members, for the cluster-wide session list and `/status`.
@@ -366,9 +365,7 @@ impl Elsewhere for Cluster {
                         return Some(link::relayed(&registry, bare, owner, api_key, queue, live));
                     }
                     Located::Orphan | Located::Mine if adopting => {
-                        let record = redis.read(&bare_s).await.ok()??;
-                        let handle = registry.adopt(record)?;
-                        if matches!(handle.ready().await, Readiness::Ready(_)) {
+                        if let Some(handle) = adopt_live(&redis, &registry, &bare_s).await {
                             return Some(handle);
                         }
                         // Another node adopted it first: look again, and relay to it.
@@ -379,6 +376,14 @@ impl Elsewhere for Cluster {
             None
         })
     }
+}
+
+/// Adopts `bare`'s stored session here and waits until it is live: `None` when there is no
+/// record, or another node won the take-over, or it could not be resumed.
+async fn adopt_live(redis: &RedisStore, registry: &Registry, bare: &str) -> Option<SessionHandle> {
+    let record = redis.read(bare).await.ok()??;
+    let handle = registry.adopt(record)?;
+    matches!(handle.ready().await, Readiness::Ready(_)).then_some(handle)
 }
 
 /// What the sids of page-side BOSH sessions made on node `node_id` start with: the node's

@@ -37,6 +37,19 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route_layer(middleware::from_fn_with_state(state, require_api_key))
 }
 
+/// Whether `headers` carry `Authorization: Bearer` with the api key (compared in constant time;
+/// never true when no key is configured). Also what cluster nodes present to each other.
+pub(crate) fn has_api_key(st: &AppState, headers: &HeaderMap) -> bool {
+    let expected = st.config.api_key.as_deref().unwrap_or_default();
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| {
+            !expected.is_empty() && constant_time_eq(k.as_bytes(), expected.as_bytes())
+        })
+}
+
 /// Refuses browsers (any `Origin`) and requests without the right bearer key.
 async fn require_api_key(
     State(st): State<AppState>,
@@ -46,19 +59,10 @@ async fn require_api_key(
     if req.headers().contains_key(header::ORIGIN) {
         return Err(ApiError::OriginRefused);
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let expected = st.config.api_key.as_deref().unwrap_or_default();
-    match given {
-        Some(key)
-            if !expected.is_empty() && constant_time_eq(key.as_bytes(), expected.as_bytes()) =>
-        {
-            Ok(next.run(req).await)
-        }
-        _ => Err(ApiError::Unauthorized),
+    if has_api_key(&st, req.headers()) {
+        Ok(next.run(req).await)
+    } else {
+        Err(ApiError::Unauthorized)
     }
 }
 

@@ -18,7 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::api::{BODY_LIMIT, constant_time_eq};
+use super::api::{BODY_LIMIT, has_api_key};
 use super::error::ApiError;
 use crate::cluster::Cluster;
 use crate::cluster::link::FORWARDED_HEADER;
@@ -30,17 +30,6 @@ use crate::xmpp::Jid;
 /// Longest a forwarded API request may take (a hand-off waits for a login).
 const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn bearer_ok(st: &AppState, headers: &HeaderMap) -> bool {
-    let expected = st.config.api_key.as_deref().unwrap_or_default();
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|k| {
-            !expected.is_empty() && constant_time_eq(k.as_bytes(), expected.as_bytes())
-        })
-}
-
 /// `GET /cluster/v1/pages/{bare}`: a peer relays one page of `bare`, whose session this node
 /// drives. 401 without the API key, 404 when the session is not here (the peer's page then
 /// reconnects and finds where it is), 503 while stopping.
@@ -50,7 +39,7 @@ pub async fn page_link(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !bearer_ok(&st, &headers) {
+    if !has_api_key(&st, &headers) {
         return ApiError::Unauthorized.into_response();
     }
     if st.stopping.is_cancelled() {
