@@ -234,7 +234,7 @@ impl Actor {
         let outbound = persist::stanzas(&caches.outbound);
         if !outbound.is_empty()
             && self
-                .record(&session, Write::Caches(Self::caches(&mux, Vec::new())))
+                .record(&session, Write::Caches(Self::caches(&mux)))
                 .await
                 .is_ok()
         {
@@ -295,10 +295,21 @@ impl Actor {
             .await
     }
 
-    /// The caches as the store keeps them.
-    fn caches(mux: &Mux, outbound: Vec<Element>) -> bytes::Bytes {
+    /// The caches as the store keeps them while the session runs.
+    fn caches(mux: &Mux) -> bytes::Bytes {
         persist::encode(&Caches {
             mux: mux.snapshot(),
+            outbound: Vec::new(),
+        })
+    }
+
+    /// The caches a graceful stop leaves: with the stanzas still queued upstream (`outbound`),
+    /// and marked settled — everything the state says went upstream did, or is in `outbound`.
+    fn caches_at_stop(mux: &Mux, outbound: Vec<Element>) -> bytes::Bytes {
+        let mut snapshot = mux.snapshot();
+        snapshot.settled = true;
+        persist::encode(&Caches {
+            mux: snapshot,
             outbound: outbound.iter().map(Element::to_xml).collect(),
         })
     }
@@ -348,7 +359,7 @@ impl Actor {
             self.dirty |= persist::inbound_changes_caches(&stanza, attached);
             effects.extend(mux.from_upstream(stanza, now));
         }
-        let caches = std::mem::take(&mut self.dirty).then(|| Self::caches(mux, Vec::new()));
+        let caches = std::mem::take(&mut self.dirty).then(|| Self::caches(mux));
         if caches.is_some() {
             self.caches_at = None;
         }
@@ -397,7 +408,7 @@ impl Actor {
                                 // so that a crash from here on never shows it twice.
                                 self.dirty = false;
                                 self.caches_at = None;
-                                let caches = Self::caches(mux, Vec::new());
+                                let caches = Self::caches(mux);
                                 if self.record(&session, Write::Caches(caches)).await.is_err() {
                                     return (moved, session);
                                 }
@@ -427,7 +438,7 @@ impl Actor {
                                     .duration_since(std::time::UNIX_EPOCH)
                                     .map_or(0, |d| d.as_secs()),
                             };
-                            let caches = Self::caches(mux, Vec::new());
+                            let caches = Self::caches(mux);
                             let handed_on = self.handed_on;
                             if let Err(e) = session.store.restore(meta.encode(), caches, handed_on).await {
                                 tracing::warn!(user = %self.bare, error = %e, "session record not written back");
@@ -457,7 +468,7 @@ impl Actor {
                             // has just ended): the record still names it, so the next process
                             // finds it dead and logs in again through `relogin_url`, or drops
                             // it, as after a `kill -9` — rather than losing it with its tokens.
-                            let caches = Self::caches(mux, outbound);
+                            let caches = Self::caches_at_stop(mux, outbound);
                             let kept = self.record(&session, Write::Caches(caches)).await.is_ok();
                             let _ = done.send(kept);
                             let end = End {
@@ -574,7 +585,7 @@ impl Actor {
                 () = sleep_until(caches_at), if caches_at.is_some() => {
                     self.caches_at = None;
                     if std::mem::take(&mut self.dirty) && live {
-                        let caches = Self::caches(mux, Vec::new());
+                        let caches = Self::caches(mux);
                         if self.record(&session, Write::Caches(caches)).await.is_err() {
                             return (moved, session);
                         }

@@ -370,6 +370,12 @@ pub struct MuxSnapshot {
     pub roster_complete: bool,
     /// Messages waiting for a page.
     pub buffer: Vec<String>,
+    /// Written by a graceful stop, with the outbox: every stanza this state says went upstream
+    /// did (or waits in the record's `outbound`). Otherwise a crash may have lost stanzas the
+    /// state already counts as sent, and the restored rules send the shared presence and
+    /// unanswered room joins again when pages ask for them.
+    #[serde(default)]
+    pub settled: bool,
 }
 
 impl Mux {
@@ -386,6 +392,7 @@ impl Mux {
             roster_ver: self.roster.ver().map(str::to_owned),
             roster_complete: self.roster.complete(),
             buffer: self.buffer.iter().map(xml).collect(),
+            settled: false,
         }
     }
 
@@ -407,8 +414,9 @@ impl Mux {
             snap.shared_presence.as_deref().and_then(stored),
             all(&snap.presence),
             all(&snap.subscribe_requests),
+            !snap.settled,
         );
-        m.rooms = Rooms::restore(grace, &snap.rooms, stored, now);
+        m.rooms = Rooms::restore(grace, &snap.rooms, stored, now, !snap.settled);
         m.roster = Roster::restore(
             all(&snap.roster_items),
             snap.roster_ver.clone(),
@@ -615,7 +623,9 @@ mod tests {
             Element::new("message", ns::CLIENT).with_attr("id", "m1"),
             Instant::now(),
         );
-        let snap = m.snapshot();
+        // As a graceful stop writes it (a crash's snapshot: below).
+        let mut snap = m.snapshot();
+        snap.settled = true;
         let back = Mux::restore(
             m.jid().clone(),
             3,
@@ -640,6 +650,21 @@ mod tests {
         assert!(
             matches!(&out[0], Effect::ToPage(2, p) if p.attr("from") == Some("bob@example.com/x"))
         );
+        // After a crash the same presence goes upstream once more: it may never have left.
+        snap.settled = false;
+        let mut crashed = Mux::restore(
+            m.jid().clone(),
+            3,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            &snap,
+            now,
+        );
+        crashed.page_bound(2);
+        let away = Element::new("presence", ns::CLIENT)
+            .with_child(Element::new("show", ns::CLIENT).with_text("away"));
+        let out = crashed.from_page(2, away, now);
+        assert_eq!(upstream_of(&out).len(), 1, "{out:?}");
     }
 
     #[test]
@@ -768,12 +793,14 @@ mod tests {
         // And it survives a restart while pending.
         let ask2 = presence_of(Some("subscribe"), "carol@example.com");
         m.from_upstream(ask2.clone(), now);
+        let mut snap = m.snapshot();
+        snap.settled = true;
         let mut back = Mux::restore(
             m.jid().clone(),
             3,
             Duration::from_secs(30),
             Duration::from_secs(60),
-            &m.snapshot(),
+            &snap,
             now,
         );
         back.page_bound(4);

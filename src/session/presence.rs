@@ -38,6 +38,10 @@ pub struct Presence {
     /// Contacts sent a directed presence (available or unavailable) since the shared presence
     /// last went upstream: they no longer have the shared presence.
     hidden_from: BTreeSet<Jid>,
+    /// The shared presence was restored from the store, and whether it ever reached the server
+    /// is not known (the earlier process may have died with it in its outbox after writing the
+    /// caches): the next available presence from a page goes upstream even if equal.
+    unsure: bool,
 }
 
 impl Presence {
@@ -56,8 +60,10 @@ impl Presence {
                 let mut out = Vec::new();
                 if self.shared.as_ref().map(key) != Some(key(&presence))
                     || !self.hidden_from.is_empty()
+                    || self.unsure
                 {
                     self.hidden_from.clear();
+                    self.unsure = false;
                     self.shared = Some(presence.clone());
                     out.push(Effect::Upstream(presence));
                 }
@@ -159,14 +165,18 @@ impl Presence {
     }
 
     /// The state saved by an earlier process (no pages yet). Entries without a parsable `from`
-    /// are left out.
+    /// are left out. `unsure`: the shared presence may never have reached the server (the
+    /// earlier process crashed), so the next page's available presence goes upstream even if
+    /// equal to it.
     pub fn restore(
         shared: Option<Element>,
         contacts: impl IntoIterator<Item = Element>,
         requests: impl IntoIterator<Item = Element>,
+        unsure: bool,
     ) -> Presence {
         let by_from = |e: Element| Some((Jid::parse(e.attr("from")?).ok()?, e));
         Presence {
+            unsure: unsure && shared.is_some(),
             shared,
             contacts: contacts.into_iter().filter_map(by_from).collect(),
             requests: requests
@@ -226,6 +236,17 @@ mod tests {
             0,
             "already the shared presence"
         );
+    }
+
+    #[test]
+    fn a_restored_shared_presence_goes_up_once_more_with_the_next_page() {
+        // The earlier process may have died with it queued but never written ahead.
+        let mut p = Presence::restore(Some(available()), [], [], true);
+        assert_eq!(upstream(&p.from_page(1, available())), 1);
+        assert_eq!(upstream(&p.from_page(2, available())), 0, "once is enough");
+        // After a graceful stop the state is settled: nothing goes up again.
+        let mut p = Presence::restore(Some(available()), [], [], false);
+        assert_eq!(upstream(&p.from_page(1, available())), 0);
     }
 
     #[test]

@@ -33,6 +33,11 @@ use crate::xmpp::{Element, Jid, ns};
 enum Phase {
     /// The join went upstream; no self-presence yet.
     Joining,
+    /// Restored from the store while joining: the request carrying the join may never have
+    /// been written ahead before the earlier process died (the caches and the write-ahead
+    /// records are separate writes), so the next page's join goes upstream again rather than
+    /// waiting for an answer that may never come.
+    Unsure,
     /// The room confirmed us (status 110).
     Joined,
 }
@@ -195,9 +200,21 @@ impl Rooms {
                 if !is_join {
                     return Some(vec![Effect::Upstream(presence)]); // show/status in the room
                 }
-                if room.phase == Phase::Joining {
-                    room.asking.insert(page); // the join in flight answers every page
-                    return Some(Vec::new());
+                match room.phase {
+                    Phase::Joining => {
+                        room.asking.insert(page); // the join in flight answers every page
+                        return Some(Vec::new());
+                    }
+                    Phase::Unsure => {
+                        // A second join by the same occupant is answered with the room's
+                        // state and self-presence again (XEP-0045 §7.2), so sending it is safe
+                        // even if the first one did arrive.
+                        room.phase = Phase::Joining;
+                        room.asking.insert(page);
+                        room.join = presence.clone();
+                        return Some(vec![Effect::Upstream(presence)]);
+                    }
+                    Phase::Joined => {}
                 }
                 let mut out: Vec<Effect> = room
                     .occupants
@@ -244,7 +261,7 @@ impl Rooms {
         let ty = presence.attr("type");
         let codes = status_codes(presence);
         if ty == Some("error") {
-            if room.phase == Phase::Joining && (nick.is_empty() || nick == room.nick) {
+            if room.phase != Phase::Joined && (nick.is_empty() || nick == room.nick) {
                 // Refused: the join ends; only the pages that asked are told.
                 let room = self.rooms.remove(&room_jid).expect("looked up above");
                 if room.asking.is_empty() {
@@ -399,11 +416,14 @@ impl Rooms {
 
     /// Rooms saved by an earlier process, kept for `grace` from `now` for the pages to come
     /// back. `parse` reads a saved stanza; rooms whose JID or join does not read are left out.
+    /// `unsure`: the earlier process crashed, so a join not yet answered may never have reached
+    /// the server; the next page's join of such a room goes upstream again.
     pub fn restore(
         grace: Duration,
         saved: &[RoomSnapshot],
         parse: impl Fn(&str) -> Option<Element>,
         now: Instant,
+        unsure: bool,
     ) -> Rooms {
         let mut rooms = Rooms::new(grace);
         for r in saved {
@@ -423,10 +443,10 @@ impl Rooms {
                 jid.to_bare(),
                 Room {
                     nick: r.nick.clone(),
-                    phase: if r.joined {
-                        Phase::Joined
-                    } else {
-                        Phase::Joining
+                    phase: match (r.joined, unsure) {
+                        (true, _) => Phase::Joined,
+                        (false, true) => Phase::Unsure,
+                        (false, false) => Phase::Joining,
                     },
                     pages: BTreeSet::new(),
                     asking: BTreeSet::new(),
@@ -821,10 +841,47 @@ mod tests {
         r.from_upstream(&occupant("bee"), &from_room("bee", None, &[], None));
         let snap = r.snapshot();
         let parse = |s: &str| crate::xmpp::parse(s.as_bytes(), &crate::xmpp::Limits::PAGE).ok();
-        let mut back = Rooms::restore(GRACE, &snap, parse, now);
+        let mut back = Rooms::restore(GRACE, &snap, parse, now, true);
         assert_eq!(back.next_deadline(), Some(now + GRACE));
         let (to, p) = join("ay");
         let out = back.from_page(5, &to, p, &me()).unwrap();
         assert_eq!(out.len(), 2, "bee and the self-presence replayed: {out:?}");
+    }
+
+    #[test]
+    fn a_room_restored_while_joining_sends_the_next_join_upstream_again() {
+        // The earlier process died with the join in its outbox, after the caches saying
+        // "joining" were written: waiting for that join's answer would wait for ever.
+        let now = Instant::now();
+        let mut r = Rooms::new(GRACE);
+        let (to, p) = join("ay");
+        assert_eq!(upstream(&r.from_page(1, &to, p, &me()).unwrap()).len(), 1);
+        let parse = |s: &str| crate::xmpp::parse(s.as_bytes(), &crate::xmpp::Limits::PAGE).ok();
+        let mut back = Rooms::restore(GRACE, &r.snapshot(), parse, now, true);
+        let (to, p) = join("ay");
+        let out = back.from_page(5, &to, p.clone(), &me()).unwrap();
+        assert_eq!(
+            upstream(&out).len(),
+            1,
+            "the join goes upstream again: {out:?}"
+        );
+        // Now it is in flight: a second page waits for its answer, as before a restart.
+        assert!(back.from_page(6, &to, p, &me()).unwrap().is_empty());
+        back.from_upstream(&occupant("ay"), &from_room("ay", None, &["110"], None))
+            .unwrap();
+        let out = back.from_page(7, &to, join("ay").1, &me()).unwrap();
+        assert_eq!(
+            out.len(),
+            1,
+            "joined: a later page gets the replay: {out:?}"
+        );
+        // After a graceful stop the join in flight was written ahead or kept: it is awaited.
+        let mut settled = Rooms::restore(GRACE, &r.snapshot(), parse, now, false);
+        assert!(
+            settled
+                .from_page(5, &to, join("ay").1, &me())
+                .unwrap()
+                .is_empty()
+        );
     }
 }
