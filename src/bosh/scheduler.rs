@@ -303,6 +303,12 @@ pub(crate) fn spawn(
     // could not be written.
     let oldest_useful = rid.saturating_sub(u64::from(params.requests.max(2)));
     resend.retain(|(r, _)| *r >= oldest_useful && *r > handed_on);
+    tracing::debug!(
+        next_rid = rid,
+        handed_on,
+        resend = ?resend.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        "upstream session resumed"
+    );
     let acked = resend
         .first()
         .map_or(rid - 1, |(r, _)| r - 1)
@@ -666,6 +672,7 @@ impl Scheduler {
                 return Outcome::Fenced(None);
             }
             metrics.upstream_posts.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(rid, "posting");
             let sent_at = Instant::now();
             let result = transport.post(bytes, timeout).await;
             Outcome::Posted(Reply {
@@ -687,6 +694,12 @@ impl Scheduler {
         let fenced = self.fenced.clone();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let wire = self.wire.clone();
+        // Counted as on the wire from now (its task sets the moment again when it posts): a
+        // new request's task reading the time before that must not take the path as clear.
+        let expected = Instant::now() + delay;
+        *wire.lock() = Some(expected);
+        self.last_post = Some(expected);
         self.tasks.spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -699,6 +712,11 @@ impl Scheduler {
                 return Outcome::Fenced(None);
             }
             metrics.upstream_posts.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(rid, attempt, "posting again");
+            // A new request keeps its distance from a resend as from any older request: one
+            // overtaking the resend of a rid the server had already seen gets that resend
+            // refused.
+            *wire.lock() = Some(Instant::now());
             let sent_at = Instant::now();
             let result = transport.post(bytes, timeout).await;
             Outcome::Posted(Reply {
@@ -708,6 +726,19 @@ impl Scheduler {
                 result,
             })
         });
+    }
+
+    /// Whether `body`, the answer to `rid`, is Prosody's refusal of a resent request it had
+    /// received (and held) before a younger one arrived: it answers `item-not-found` without
+    /// ending the session (RECOVERY.md), and the request's stanzas were processed the first
+    /// time. Taken as an empty answer while a younger request is still to be answered — if the
+    /// session is really gone, that one is refused too, and ends it.
+    fn seen_before(&self, rid: u64, body: &Body) -> bool {
+        body.body_type() == BodyType::Terminate
+            && body.condition() == Some("item-not-found")
+            && body.children().next().is_none()
+            && self.in_flight.get(&rid).is_some_and(|r| r.resent)
+            && self.in_flight.range(rid + 1..).next().is_some()
     }
 
     async fn on_reply(&mut self, reply: Reply) -> Result<(), Ended> {
@@ -729,6 +760,18 @@ impl Scheduler {
             Err(PostError::Status(status, reason)) => {
                 return Err(Ended::Error(BoshError::HttpStatus(status, reason)));
             }
+        };
+        tracing::trace!(rid = reply.rid, kind = ?body.body_type(), "answered");
+        let body = if self.seen_before(reply.rid, &body) {
+            tracing::debug!(
+                rid = reply.rid,
+                "resent request refused as already seen; the younger requests go on"
+            );
+            Body {
+                element: Element::new("body", ns::HTTPBIND),
+            }
+        } else {
+            body
         };
         match body.body_type() {
             BodyType::Error => {

@@ -800,3 +800,102 @@ async fn an_unavailable_store_is_counted_and_the_session_goes_on() {
     assert_eq!(metrics.store_errors.load(Ordering::Relaxed), posted);
     assert!(stored_rids(&store).await.is_empty(), "nothing was recorded");
 }
+
+/// A body as the server writes it.
+fn answer(xml: &str) -> Answer {
+    Answer::Body(Bytes::from(xml.to_owned()))
+}
+
+/// Resumes a session whose held rid the server had already processed, then sends `out`: the
+/// resent held rid and the new one are both in flight. Returns them as the server got them.
+async fn resent_and_new_in_flight() -> (
+    BoshSession,
+    (u64, oneshot::Sender<Answer>),
+    (u64, oneshot::Sender<Answer>),
+) {
+    let store = Store::memory();
+    let (s, mut rx) = start(&store).await;
+    let mut cm = Cm::new();
+    cm.serve(&mut rx).await; // FIRST, held
+    stop(s, Stop::Crash).await;
+    let (s, mut rx, _) = resume(&store).await;
+    let (resent, _, resent_tx) = cm.receive(&mut rx).await;
+    assert_eq!(resent, FIRST);
+    let resent_at = tokio::time::Instant::now();
+    s.handle.send(message("out")).await.unwrap();
+    let (new, _, new_tx) = cm.receive(&mut rx).await;
+    assert_eq!(new, FIRST + 1);
+    assert!(
+        resent_at.elapsed() >= super::ORDER_GAP,
+        "the new rid kept its distance from the resend"
+    );
+    (s, (resent, resent_tx), (new, new_tx))
+}
+
+const REFUSED: &str = "<body xmlns='http://jabber.org/protocol/httpbind' type='terminate' condition='item-not-found'/>";
+
+#[tokio::test(start_paused = true)]
+async fn a_resent_rid_refused_as_already_seen_ends_nothing_while_a_younger_one_is_answered() {
+    // Prosody, when the new rid overtook the resend of the held one: the resend is refused,
+    // the session lives on (RECOVERY.md), and the new rid is answered as usual.
+    let (mut s, (_, resent_tx), (new, new_tx)) = resent_and_new_in_flight().await;
+    let _ = resent_tx.send(answer(REFUSED));
+    let _ = new_tx.send(answer(
+        "<body xmlns='http://jabber.org/protocol/httpbind'><message xmlns='jabber:client'><body>after</body></message></body>",
+    ));
+    let mut got = Vec::new();
+    while !got.iter().any(|t| t == "after") {
+        let (rid, stanzas) = next_response(&mut s).await;
+        got.extend(texts(&stanzas));
+        s.handle.handed_on(rid);
+        assert!(rid <= new, "{rid}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_really_gone_ends_at_the_younger_rids_refusal() {
+    let (mut s, (_, resent_tx), (_, new_tx)) = resent_and_new_in_flight().await;
+    let _ = resent_tx.send(answer(REFUSED));
+    let _ = new_tx.send(answer(REFUSED));
+    loop {
+        match s.events.recv().await.expect("an end") {
+            BoshEvent::Ended(Err(BoshError::Terminated { condition, .. })) => {
+                assert_eq!(condition.as_deref(), Some("item-not-found"));
+                break;
+            }
+            BoshEvent::Ended(other) => panic!("{other:?}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_rid_keeps_its_distance_from_the_last_resend() {
+    // Resent rids go out one after another (each once the older is answered); a new rid that
+    // overtook the last resend on the wire would get that resend refused by Prosody.
+    let store = Store::memory();
+    let (s, mut rx) = start(&store).await;
+    let mut cm = Cm::new();
+    cm.serve(&mut rx).await; // FIRST, held
+    s.handle.send(message("m")).await.unwrap();
+    cm.serve(&mut rx).await; // FIRST + 1: FIRST answered (and cached), this one held
+    stop(s, Stop::Crash).await;
+    let (mut s, mut rx, record) = resume(&store).await;
+    assert_eq!(record.requests.len(), 2);
+    s.handle.send(message("out")).await.unwrap();
+    // The server answers the first resend well after the resume.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(cm.serve(&mut rx).await, FIRST, "answered from the cache");
+    let mut owner = Owner::default();
+    assert_eq!(owner.take(&mut s).await, FIRST);
+    let (second, _, _held) = cm.receive(&mut rx).await;
+    assert_eq!(second, FIRST + 1);
+    let resent_at = tokio::time::Instant::now();
+    let (new, _, _tx) = cm.receive(&mut rx).await;
+    assert_eq!(new, FIRST + 2);
+    assert!(
+        resent_at.elapsed() >= super::ORDER_GAP,
+        "the new rid went out {:?} after the resend",
+        resent_at.elapsed()
+    );
+}
