@@ -13,7 +13,7 @@
 # are not contacts. Two more, registered through prosodyctl so that Prosody itself prepares them:
 # `zoë` (password "pw-zoë") and `nbsp` (password "pw-no" U+00A0 "break", which SASLprep turns into
 # a space). Set BOSHMUX_TEST_PROSODY_KEEP=1 to keep the temp dir (config, data, log)
-# after the run for debugging.
+# after the run for debugging, and BOSHMUX_TEST_PROSODY_LOG_LEVEL=debug for a stanza-level log.
 
 _prosody_apt_updated=
 _prosody_dir=
@@ -120,7 +120,7 @@ pidfile = "$dir/prosody.pid"
 data_path = "$dir/data"
 certificates = "$dir/certs" -- empty: no TLS, and no warnings about missing certificates
 admin_socket = "$dir/prosody.sock" -- lets tests inspect sessions with prosodyctl shell
-log = { info = "$dir/prosody.log" }
+log = { ${BOSHMUX_TEST_PROSODY_LOG_LEVEL:-info} = "$dir/prosody.log" }
 
 -- No smacks (its BOSH resumption is broken in 0.12) and no MAM (slow on internal storage).
 modules_enabled = {

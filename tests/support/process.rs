@@ -108,7 +108,11 @@ impl DaemonProcess {
             .env("BOSHMUX_ALLOWED_ORIGINS", ORIGIN)
             .env("BOSHMUX_BOSH_WAIT", "10")
             .env("BOSHMUX_STORE", store)
-            .env("BOSHMUX_LOG", "info")
+            // `BOSHMUX_TEST_DAEMON_LOG=boshmux=debug` for a closer look at a failing crash test.
+            .env(
+                "BOSHMUX_LOG",
+                std::env::var("BOSHMUX_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in &self.extra {
@@ -218,6 +222,16 @@ impl DaemonProcess {
 
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
+        // A failing test shows what the processes logged: crash tests fail at moments that are
+        // hard to replay, and the log is the only account of them.
+        if std::thread::panicking() {
+            let log = self.log.lock();
+            let tail = log.len().saturating_sub(400);
+            eprintln!("---- daemon log (last {} lines) ----", log.len() - tail);
+            for line in &log[tail..] {
+                eprintln!("{line}");
+            }
+        }
         if let Some(child) = &mut self.child {
             let _ = child.start_kill();
         }
