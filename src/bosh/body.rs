@@ -53,6 +53,13 @@ pub struct Body {
 }
 
 impl Body {
+    /// An empty `<body/>`: what an answer that carries nothing for the owner is taken as.
+    pub fn empty() -> Body {
+        Body {
+            element: Element::new("body", ns::HTTPBIND),
+        }
+    }
+
     /// Parses a whole body under the default [`ReadLimits`], leaving out any stanza the
     /// reader drops; see [`BodyReader`] for reading a response as it arrives and learning
     /// what was dropped.

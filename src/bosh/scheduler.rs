@@ -767,9 +767,7 @@ impl Scheduler {
                 rid = reply.rid,
                 "resent request refused as already seen; the younger requests go on"
             );
-            Body {
-                element: Element::new("body", ns::HTTPBIND),
-            }
+            Body::empty()
         } else {
             body
         };
@@ -804,9 +802,7 @@ impl Scheduler {
                         rid = reply.rid,
                         "resent request answered with its own stanzas; taken as empty"
                     );
-                    Body {
-                        element: Element::new("body", ns::HTTPBIND),
-                    }
+                    Body::empty()
                 } else {
                     body
                 };
