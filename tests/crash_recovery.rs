@@ -110,6 +110,11 @@ async fn a_kill_9_costs_no_login_no_offline_flap_and_no_message(p: Server) {
 both!(a_kill_9_just_after_a_contact_message_delivers_it_once);
 /// The message may sit only in the held request's cached response when the daemon dies: the
 /// new process must resend that rid too and deliver it, once, whatever the moment of the kill.
+/// No page is attached at the kill, so the message goes to the session's buffer, which is
+/// written with the response's mark: towards a page attached at the very moment of a crash the
+/// daemon promises at most once (ARCHITECTURE.md, invariants and Decisions — a frame written after the mark
+/// and before the socket took it is lost with the process), and the crash tests with attached
+/// pages check that nothing is shown twice.
 async fn a_kill_9_just_after_a_contact_message_delivers_it_once(p: Server) {
     let (a, _) = p.user("g66a");
     let a_full = format!("{a}/boshmux");
@@ -119,18 +124,23 @@ async fn a_kill_9_just_after_a_contact_message_delivers_it_once(p: Server) {
     page.send(&Element::new("presence", ns::CLIENT)).await;
     let mut b = p.contact("g66b", "b").await;
     sees_available(&mut b, &a_full).await;
+    let bare = a.to_string();
     for (i, delay_ms) in [0u64, 1, 3, 8, 20].into_iter().enumerate() {
         let text = format!("message {i}");
+        page.close().await;
+        support::eventually("the page detached", LIMIT, || async {
+            (d.daemon.info(&bare).await["pages"] == 0).then_some(())
+        })
+        .await;
         b.handle.send(chat(&a.to_string(), &text)).await.unwrap();
         // The moment of the crash is the point of the test, not a synchronisation.
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         d.kill9().await;
-        let mut seen = drain(page).await;
         d.restart().await;
         page = d.daemon.page("g66a", &h.token).await;
         let marker = format!("marker {i}");
         b.handle.send(chat(&a.to_string(), &marker)).await.unwrap();
-        seen.extend(messages_until(&mut page, &marker).await);
+        let seen = messages_until(&mut page, &marker).await;
         let times = seen.iter().filter(|s| **s == text).count();
         assert_eq!(
             times,
