@@ -183,7 +183,11 @@ struct Session {
 impl FakeCm {
     /// Starts on `127.0.0.1:0`.
     pub async fn start(config: FakeCmConfig) -> std::io::Result<FakeCm> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        FakeCm::start_on(TcpListener::bind(("127.0.0.1", 0)).await?, config).await
+    }
+
+    /// Starts on `listener` (`boshmux demo --upstream-only` gives it the address asked for).
+    pub async fn start_on(listener: TcpListener, config: FakeCmConfig) -> std::io::Result<FakeCm> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,

@@ -27,6 +27,10 @@ enum Command {
         /// Extra accounts user1..userN (password pw-userN) for `boshmux load`.
         #[arg(long, default_value_t = 0)]
         accounts: usize,
+        /// Only the development XMPP server (BOSH at http://LISTEN/http-bind), for a
+        /// `boshmux serve` in another process.
+        #[arg(long)]
+        upstream_only: bool,
     },
     /// Load and check the configuration, then print it with secrets hidden.
     CheckConfig(Flags),
@@ -59,9 +63,17 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Demo { listen, accounts } => {
+        Command::Demo {
+            listen,
+            accounts,
+            upstream_only,
+        } => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(boshmux::demo::run(listen, accounts, stop_signal()))?;
+            if upstream_only {
+                runtime.block_on(boshmux::demo::run_upstream(listen, accounts, stop_signal()))?;
+            } else {
+                runtime.block_on(boshmux::demo::run(listen, accounts, stop_signal()))?;
+            }
             Ok(())
         }
         Command::Load(args) if args.failover_kills > 0 => {

@@ -43,6 +43,43 @@ pub enum DemoError {
     Setup(#[from] crate::server::SetupError),
 }
 
+/// The development server's accounts: the demo users, the echo bot, and `accounts` load-test
+/// accounts `user1` … `userN` (password `pw-userN`).
+fn server_config(accounts: usize) -> FakeCmConfig {
+    let mut users: std::collections::HashMap<String, String> = USERS
+        .iter()
+        .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
+        .collect();
+    users.extend((1..=accounts).map(|n| (format!("user{n}"), format!("pw-user{n}"))));
+    FakeCmConfig {
+        domain: DOMAIN.into(),
+        users,
+        contacts: USERS.iter().map(|(u, _)| (*u).to_owned()).collect(),
+        echo_bot: Some(BOT.into()),
+        ..FakeCmConfig::default()
+    }
+}
+
+/// Runs only the development server (no daemon) on `listen` until `stop` completes: an
+/// upstream for a `boshmux serve` in a process of its own, so that a load test with many users
+/// does not put both ends of every upstream connection in one process's open-file limit
+/// (`scripts/bench many`). Prints its BOSH URL and domain.
+pub async fn run_upstream(
+    listen: SocketAddr,
+    accounts: usize,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    let server =
+        FakeCm::start_on(TcpListener::bind(listen).await?, server_config(accounts)).await?;
+    println!(
+        "boshmux demo upstream: BOSH at {} for the domain {DOMAIN}",
+        server.url()
+    );
+    stop.await;
+    drop(server);
+    Ok(())
+}
+
 /// Runs the demo on `listen` until `stop` completes.
 pub async fn run(
     listen: SocketAddr,
@@ -94,19 +131,7 @@ pub async fn start(listener: TcpListener) -> Result<Demo, DemoError> {
 /// nobody's contacts: for load tests against the development server (`boshmux load`). With load
 /// accounts, the limits on pages per user, page send rate and upgrade rate are lifted.
 pub async fn start_with(listener: TcpListener, accounts: usize) -> Result<Demo, DemoError> {
-    let mut users: std::collections::HashMap<String, String> = USERS
-        .iter()
-        .map(|(u, p)| ((*u).to_owned(), (*p).to_owned()))
-        .collect();
-    users.extend((1..=accounts).map(|n| (format!("user{n}"), format!("pw-user{n}"))));
-    let server = FakeCm::start(FakeCmConfig {
-        domain: DOMAIN.into(),
-        users,
-        contacts: USERS.iter().map(|(u, _)| (*u).to_owned()).collect(),
-        echo_bot: Some(BOT.into()),
-        ..FakeCmConfig::default()
-    })
-    .await?;
+    let server = FakeCm::start(server_config(accounts)).await?;
     let addr = listener.local_addr()?;
     let port = addr.port();
     let mut key = [0u8; 24];
