@@ -346,6 +346,7 @@ pub(crate) fn spawn(
         store: store.clone(),
         acked: acked_rx,
         written: Arc::new(watch::Sender::new(rid - 1)),
+        on_wire: Arc::new(watch::Sender::new(acked)),
         wire: Arc::default(),
         fenced: Arc::new(AtomicBool::new(false)),
     };
@@ -458,6 +459,11 @@ struct Scheduler {
     /// The highest new rid whose write-ahead record is done (or given up on): a new rid is
     /// posted only after every older one, whatever order their writes complete in.
     written: Arc<watch::Sender<u64>>,
+    /// The highest rid the HTTP client has taken to write on a connection (new or resent): a new
+    /// rid goes out only once the one before it has, however late the runtime ran that one's
+    /// task — a time gap alone did not hold under load (ejabberd then never processed the
+    /// younger request).
+    on_wire: Arc<watch::Sender<u64>>,
     /// When the latest new request went on the wire (after its write-ahead record): the next
     /// one goes [`ORDER_GAP`] later while that one is unanswered, however fast its own record
     /// was written.
@@ -641,6 +647,7 @@ impl Scheduler {
         let metrics = self.metrics.clone();
         let wire = self.wire.clone();
         let acked = self.acked.clone();
+        let on_wire = self.on_wire.clone();
         self.tasks.spawn(async move {
             match store.request(rid, bytes.clone()).await {
                 Ok(()) => {}
@@ -654,6 +661,9 @@ impl Scheduler {
             // older one, and ORDER_GAP after it got on the wire while it is unanswered (records
             // written in the same instant must not put two requests on the wire together).
             let _ = written.subscribe().wait_for(|w| *w + 1 >= rid).await;
+            if acked.borrow().saturating_add(1) < rid {
+                let _ = on_wire.subscribe().wait_for(|w| *w + 1 >= rid).await;
+            }
             let previous = *wire.lock();
             if let Some(at) = previous
                 && acked.borrow().saturating_add(1) < rid
@@ -674,7 +684,9 @@ impl Scheduler {
             metrics.upstream_posts.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(rid, "posting");
             let sent_at = Instant::now();
-            let result = transport.post(bytes, timeout).await;
+            let result = transport
+                .post_noting(bytes, timeout, move || note_on_wire(&on_wire, rid))
+                .await;
             Outcome::Posted(Reply {
                 rid,
                 attempt: 0,
@@ -695,6 +707,7 @@ impl Scheduler {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let wire = self.wire.clone();
+        let on_wire = self.on_wire.clone();
         // Counted as on the wire from now (its task sets the moment again when it posts): a
         // new request's task reading the time before that must not take the path as clear.
         let expected = Instant::now() + delay;
@@ -718,7 +731,9 @@ impl Scheduler {
             // refused.
             *wire.lock() = Some(Instant::now());
             let sent_at = Instant::now();
-            let result = transport.post(bytes, timeout).await;
+            let result = transport
+                .post_noting(bytes, timeout, move || note_on_wire(&on_wire, rid))
+                .await;
             Outcome::Posted(Reply {
                 rid,
                 attempt,
@@ -994,6 +1009,17 @@ impl Scheduler {
     async fn emit(&self, event: BoshEvent) -> Result<(), Deaf> {
         self.events.send(event).await.map_err(|_| Deaf)
     }
+}
+
+/// Raises `on_wire` to `rid` (it only grows).
+fn note_on_wire(on_wire: &watch::Sender<u64>, rid: u64) {
+    on_wire.send_if_modified(|w| {
+        let raise = rid > *w;
+        if raise {
+            *w = rid;
+        }
+        raise
+    });
 }
 
 enum Ended {

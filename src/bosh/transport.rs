@@ -130,16 +130,35 @@ impl Transport {
     /// on the wire for [`CUT_MIN_HELD`] or longer is a [`TransportError::Cut`] (SPEC §7):
     /// something in between gave up on a request the server was holding.
     pub(crate) async fn post(&self, body: Bytes, timeout: Duration) -> Result<Response, PostError> {
+        self.post_noting(body, timeout, || {}).await
+    }
+
+    /// Like [`Transport::post`]; `on_wire` runs once the HTTP client has taken the request's
+    /// bytes to write them on the connection (or has given the request up without writing it),
+    /// so that the next request goes out only after this one — however late the runtime got to
+    /// this one's task. The scheduler orders its requests with it: a server that gets a younger
+    /// rid before an older one defers it, and ejabberd then never processes it.
+    pub(crate) async fn post_noting(
+        &self,
+        body: Bytes,
+        timeout: Duration,
+        on_wire: impl FnOnce() + Send + Sync + 'static,
+    ) -> Result<Response, PostError> {
         if let Some(channel) = &self.channel {
-            return self.post_channel(channel, body, timeout).await;
+            return self.post_channel(channel, body, timeout, on_wire).await;
         }
         let started = Instant::now();
+        let length = body.len();
         let head = async {
             let resp = self
                 .http
                 .post(self.url.clone())
                 .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-                .body(body)
+                .header(reqwest::header::CONTENT_LENGTH, length)
+                .body(reqwest::Body::wrap(NotingBody {
+                    data: Some(body),
+                    on_wire: Some(Box::new(on_wire)),
+                }))
                 .send()
                 .await
                 .map_err(|e| PostError::Transient(TransportError::Connection(error_chain(&e))))?;
@@ -262,10 +281,13 @@ impl Transport {
         channel: &mpsc::UnboundedSender<(Bytes, oneshot::Sender<Answer>)>,
         body: Bytes,
         timeout: Duration,
+        on_wire: impl FnOnce(),
     ) -> Result<Response, PostError> {
         let closed = || PostError::Transient(TransportError::Connection("channel closed".into()));
         let (tx, rx) = oneshot::channel();
-        channel.send((body, tx)).map_err(|_| closed())?;
+        let sent = channel.send((body, tx));
+        on_wire();
+        sent.map_err(|_| closed())?;
         let answer = tokio::time::timeout(timeout, rx)
             .await
             .map_err(|_| PostError::Transient(TransportError::Timeout(timeout)))?
@@ -316,4 +338,88 @@ pub fn install_crypto_provider() {
         // Err only means another provider was installed first, which is as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// A request body that says when the HTTP client took its bytes (see [`Transport::post_noting`]):
+/// when its one data frame is polled, or when it is dropped unpolled (the request failed first).
+struct NotingBody {
+    data: Option<Bytes>,
+    on_wire: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl NotingBody {
+    fn note(&mut self) {
+        if let Some(on_wire) = self.on_wire.take() {
+            on_wire();
+        }
+    }
+}
+
+impl http_body::Body for NotingBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = self.data.take().map(|d| Ok(http_body::Frame::data(d)));
+        self.note();
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+impl Drop for NotingBody {
+    fn drop(&mut self) {
+        self.note();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn noting(count: &Arc<AtomicUsize>) -> NotingBody {
+        let count = count.clone();
+        NotingBody {
+            data: Some(Bytes::from_static(b"<body/>")),
+            on_wire: Some(Box::new(move || {
+                count.fetch_add(1, Ordering::SeqCst);
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_body_notes_once_when_its_bytes_are_taken_or_when_dropped_unread() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let body = noting(&count);
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(7));
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            0,
+            "not before the client takes it"
+        );
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"<body/>");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "once, not again on drop");
+        drop(noting(&count));
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            2,
+            "a request given up still lets the next go"
+        );
+    }
 }
