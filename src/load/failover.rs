@@ -23,8 +23,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::page::{self, User};
 use super::{LoadArgs, LoadError};
-use crate::bosh::{BoshClient, BoshConfig, BoshEvent, BoshHandle};
-use crate::xmpp::{self, Element, Jid, Limits, ns};
+use crate::bosh::{BoshEvent, BoshHandle};
+use crate::xmpp::{self, Element, Limits, ns};
 
 /// Close codes after which client-js does not reconnect (client-js/boshmux.js `FINAL_CODES`).
 const FINAL_CODES: [u16; 5] = [1000, 1008, 4001, 4003, 4004];
@@ -297,12 +297,7 @@ pub async fn run(args: LoadArgs) -> Result<FailoverReport, LoadError> {
         n.stop();
     }
     let report = result?;
-    if let Some(path) = &args.json {
-        let json =
-            serde_json::to_string_pretty(&report).map_err(|e| LoadError::Setup(e.to_string()))?;
-        std::fs::write(path, json)
-            .map_err(|e| LoadError::Setup(format!("{}: {e}", path.display())))?;
-    }
+    super::write_json(args.json.as_deref(), &report)?;
     Ok(report)
 }
 
@@ -638,18 +633,9 @@ fn probe_number(frame: &str) -> Option<u64> {
 
 /// The contact's BOSH session straight to the XMPP server; what it receives is discarded.
 async fn contact_login(url: &str, user: &User) -> Result<BoshHandle, String> {
-    let client = BoshClient::new(BoshConfig::new(url)).map_err(|e| e.to_string())?;
-    let jid = Jid::parse(&user.bare).map_err(|e| e.to_string())?;
-    let mut session = client
-        .login(&jid, &user.password, None, &crate::store::Store::none())
+    let mut session = super::page::direct_online(url, user)
         .await
         .map_err(|e| format!("contact {}: {e}", user.bare))?;
-    session.handle.handed_on(u64::MAX);
-    session
-        .handle
-        .send(Element::new("presence", ns::CLIENT))
-        .await
-        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         while let Some(event) = session.events.recv().await {
             if let BoshEvent::Ended(r) = event {

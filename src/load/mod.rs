@@ -363,13 +363,18 @@ pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
         _ => None,
     };
     let report = Report::build(&args, &shared, expected, upstream_requests, watched);
-    if let Some(path) = &args.json {
-        let json =
-            serde_json::to_string_pretty(&report).map_err(|e| LoadError::Setup(e.to_string()))?;
-        std::fs::write(path, json)
-            .map_err(|e| LoadError::Setup(format!("{}: {e}", path.display())))?;
-    }
+    write_json(args.json.as_deref(), &report)?;
     Ok(report)
+}
+
+/// Writes `report` as pretty JSON to `path` (`--json`), if one was given.
+fn write_json(
+    path: Option<&std::path::Path>,
+    report: &impl serde::Serialize,
+) -> Result<(), LoadError> {
+    let Some(path) = path else { return Ok(()) };
+    let json = serde_json::to_string_pretty(report).map_err(|e| LoadError::Setup(e.to_string()))?;
+    std::fs::write(path, json).map_err(|e| LoadError::Setup(format!("{}: {e}", path.display())))
 }
 
 /// The soft open-file limit of this process.

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{LoadArgs, Shared};
-use crate::bosh::{BoshClient, BoshConfig, BoshEvent, BoshHandle};
+use crate::bosh::{BoshClient, BoshConfig, BoshEvent, BoshHandle, BoshSession};
 use crate::xmpp::{self, Element, Jid, Limits, ns};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -212,10 +212,12 @@ pub(crate) async fn handshake(args: &LoadArgs, user: &User, token: &str) -> Resu
     Ok(ws)
 }
 
-async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, String> {
+/// `user` logged in straight to the XMPP server at `url` (BOSH, nothing kept to resume from)
+/// and available. Errors are the login's or the send's, as text.
+pub(crate) async fn direct_online(url: &str, user: &User) -> Result<BoshSession, String> {
     let client = BoshClient::new(BoshConfig::new(url)).map_err(|e| e.to_string())?;
     let jid = Jid::parse(&user.bare).map_err(|e| e.to_string())?;
-    let mut session = client
+    let session = client
         .login(&jid, &user.password, None, &crate::store::Store::none())
         .await
         .map_err(|e| e.to_string())?;
@@ -226,6 +228,11 @@ async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, St
         .send(Element::new("presence", ns::CLIENT))
         .await
         .map_err(|e| e.to_string())?;
+    Ok(session)
+}
+
+async fn direct(url: &str, user: &User, shared: &Arc<Shared>) -> Result<Page, String> {
+    let mut session = direct_online(url, user).await?;
     let shared = shared.clone();
     let reader = tokio::spawn(async move {
         while let Some(event) = session.events.recv().await {

@@ -125,26 +125,23 @@ impl BoshPages {
 
     /// Unused prebinds of every user (for `/metrics` and `/status`).
     pub fn unused_prebinds_total(&self) -> usize {
-        self.sessions
-            .lock()
-            .values()
-            .filter(|e| {
-                e.prebind
-                    .as_ref()
-                    .is_some_and(|(_, unused)| unused.load(Ordering::Relaxed))
-            })
-            .count()
+        self.count_unused(|_| true)
     }
 
     /// Unused prebinds of `bare`.
     pub fn unused_prebinds(&self, bare: &Jid) -> usize {
+        self.count_unused(|u| u == bare)
+    }
+
+    /// Unused prebinds whose user `of` accepts.
+    fn count_unused(&self, of: impl Fn(&Jid) -> bool) -> usize {
         self.sessions
             .lock()
             .values()
             .filter(|e| {
                 e.prebind
                     .as_ref()
-                    .is_some_and(|(u, unused)| u == bare && unused.load(Ordering::Relaxed))
+                    .is_some_and(|(u, unused)| of(u) && unused.load(Ordering::Relaxed))
             })
             .count()
     }
