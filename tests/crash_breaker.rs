@@ -11,7 +11,7 @@ use boshmux::bosh::{BoshEvent, BoshSession};
 use boshmux::xmpp::{Element, ns};
 use support::daemon::Page;
 use support::process::{DaemonProcess, message_body, sees_available, store_dir};
-use support::{Server, body_text, both, chat};
+use support::{Server, body_text, both, chat, muc_join};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -190,25 +190,13 @@ async fn a_kill_9_during_a_graceful_stop_costs_no_login_and_nothing_twice(p: Ser
     assert_eq!(p.sessions_of(&a), [a_full]);
 }
 
-fn muc_join(room: &str, nick: &str) -> Element {
-    Element::new("presence", ns::CLIENT)
-        .with_attr("to", format!("{room}/{nick}"))
-        .with_child(
-            Element::new("x", ns::MUC)
-                .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
-        )
-}
-
 /// Whether `e` is our own presence in room `room` (status 110).
 fn is_self_presence_in(e: &Element, room: &str) -> bool {
     e.is("presence", ns::CLIENT)
         && e.attr("type").is_none()
         && e.attr("from")
             .is_some_and(|f| f.split('/').next() == Some(room))
-        && e.child("x", ns::MUC_USER).is_some_and(|x| {
-            x.elements()
-                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
-        })
+        && support::is_self_presence(e)
 }
 
 both!(a_kill_9_while_a_page_joins_a_room_leaves_the_room_usable_after_the_restart);

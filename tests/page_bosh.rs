@@ -14,7 +14,7 @@ use boshmux::fake_cm::FakeCm;
 use boshmux::xmpp::{Element, ns};
 use support::bosh_page::{BoshPage, post, terminate_condition};
 use support::daemon::{API_KEY, Daemon, ORIGIN};
-use support::{Server, both, chat};
+use support::{Server, both, chat, is_self_presence, muc_join};
 
 async fn fake() -> FakeCm {
     support::fake_with(&[("u0", "p0"), ("u1", "p1")]).await
@@ -973,23 +973,6 @@ async fn a_late_bosh_page_gets_contacts_presence_replayed(p: Server) {
     late.send(&Element::new("presence", ns::CLIENT)).await;
     sees_online(&mut late, &contact).await;
     d.stop().await;
-}
-
-fn muc_join(room: &str, nick: &str) -> Element {
-    Element::new("presence", ns::CLIENT)
-        .with_attr("to", format!("{room}/{nick}"))
-        .with_child(
-            Element::new("x", ns::MUC)
-                .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
-        )
-}
-
-fn is_self_presence(e: &Element) -> bool {
-    e.is("presence", ns::CLIENT)
-        && e.child("x", ns::MUC_USER).is_some_and(|x| {
-            x.elements()
-                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
-        })
 }
 
 both!(a_room_joined_from_a_websocket_and_a_bosh_page_is_joined_once_and_left_with_the_last);

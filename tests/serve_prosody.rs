@@ -9,7 +9,9 @@ use std::time::Duration;
 use boshmux::bosh::BoshSession;
 use boshmux::xmpp::{Element, ns};
 use support::daemon::{Daemon, Page};
-use support::{Prosody, Server, body_text, both, chat, eventually, next_message};
+use support::{
+    Prosody, Server, body_text, both, chat, eventually, is_self_presence, muc_join, next_message,
+};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -475,23 +477,6 @@ async fn a_session_killed_by_the_server_is_restored_and_pages_keep_working(p: Se
         Some("me too")
     );
     d.stop().await;
-}
-
-fn muc_join(room: &str, nick: &str) -> Element {
-    presence()
-        .with_attr("to", format!("{room}/{nick}"))
-        .with_child(
-            Element::new("x", ns::MUC)
-                .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
-        )
-}
-
-fn is_self_presence(e: &Element) -> bool {
-    e.is("presence", ns::CLIENT)
-        && e.child("x", ns::MUC_USER).is_some_and(|x| {
-            x.elements()
-                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
-        })
 }
 
 both!(a_room_joined_from_two_pages_is_joined_once_and_left_with_the_last_page);

@@ -371,6 +371,25 @@ pub async fn next_stanza(
 }
 
 /// A chat message with `body` to `to`.
+/// A MUC join of `room` as `nick` asking for no history (XEP-0045 §7.2).
+pub fn muc_join(room: &str, nick: &str) -> Element {
+    Element::new("presence", ns::CLIENT)
+        .with_attr("to", format!("{room}/{nick}"))
+        .with_child(
+            Element::new("x", ns::MUC)
+                .with_child(Element::new("history", ns::MUC).with_attr("maxchars", "0")),
+        )
+}
+
+/// Whether `e` is a room's presence about ourselves (status 110).
+pub fn is_self_presence(e: &Element) -> bool {
+    e.is("presence", ns::CLIENT)
+        && e.child("x", ns::MUC_USER).is_some_and(|x| {
+            x.elements()
+                .any(|s| s.name == "status" && s.attr("code") == Some("110"))
+        })
+}
+
 pub fn chat(to: &str, body: &str) -> Element {
     Element::new("message", ns::CLIENT)
         .with_attr("to", to)
