@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::metrics::Metrics;
 use crate::page::Frame;
 use crate::page::close::{LOST, NORMAL, RESTARTING, REVOKED, SLOW, TOO_MANY_PAGES};
-use crate::session::{AttachError, PageOut, Registry, Relayed, SessionHandle};
+use crate::session::{AttachError, Refused, Registry, Relayed, SessionHandle};
 use crate::store::redis::Member;
 use crate::xmpp::Jid;
 
@@ -172,7 +172,7 @@ async fn relay(
     owner: &Member,
     bare: &Jid,
 ) {
-    let close = |code: u16| PageOut::Close(code, reason(code));
+    let close = |code: u16| link.tx.close(code, reason(code));
     loop {
         tokio::select! {
             // An owner that lost its lease (frozen, cut off) keeps its sockets open: the page
@@ -181,14 +181,14 @@ async fn relay(
                 let gone = changed.is_err() || !live.borrow_and_update().contains(&owner.id);
                 if gone {
                     tracing::debug!(user = %bare, owner = %owner.id, "cluster: the owner left; the page reconnects");
-                    let _ = link.tx.send(close(RESTARTING));
+                    close(RESTARTING);
                     return;
                 }
             }
             command = commands.next() => match command {
                 Some(Relayed::FromPage(stanza)) => {
                     if ws.send(Message::text(stanza.to_xml())).await.is_err() {
-                        let _ = link.tx.send(close(RESTARTING));
+                        close(RESTARTING);
                         return;
                     }
                 }
@@ -203,29 +203,30 @@ async fn relay(
             },
             message = ws.next() => match message {
                 Some(Ok(Message::Text(t))) => {
-                    let len = t.len();
-                    let queued = link.queued.fetch_add(len, Ordering::Relaxed) + len;
-                    if queued > queue_limit {
-                        let _ = link.tx.send(close(SLOW));
-                        let _ = ws.close(None).await;
-                        return;
-                    }
                     let frame = Frame::from(t.as_str().to_owned());
-                    if link.tx.send(PageOut::Frame(frame)).is_err() {
-                        let _ = ws.close(None).await;
-                        return;
+                    match link.tx.frame(frame, queue_limit) {
+                        Ok(()) => {}
+                        Err(Refused::Full) => {
+                            close(SLOW);
+                            let _ = ws.close(None).await;
+                            return;
+                        }
+                        Err(Refused::Closed) => {
+                            let _ = ws.close(None).await;
+                            return;
+                        }
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let code = frame.map_or(RESTARTING, |f| u16::from(f.code));
-                    let _ = link.tx.send(close(code));
+                    close(code);
                     return;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => {
                     // The owner is gone without a word: the page reconnects, and finds the
                     // session where it is adopted.
-                    let _ = link.tx.send(close(RESTARTING));
+                    close(RESTARTING);
                     return;
                 }
             },

@@ -47,6 +47,7 @@ pub struct Shared {
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     next_page: AtomicU64,
     upgrades: client::UpgradeLimiter,
+    page_shared: Arc<crate::page::conn::PageShared>,
 }
 
 impl AppState {
@@ -57,17 +58,20 @@ impl AppState {
             config.limits.upgrade_rate,
         );
         let node_id = config.node_id();
+        let shutdown = CancellationToken::new();
+        let page_shared = Arc::new(page_shared(&config, &registry, &shutdown));
         AppState(Arc::new(Shared {
             config,
             registry,
             stopping: CancellationToken::new(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             pages: TaskTracker::new(),
             bosh_pages: Arc::default(),
             node_id,
             cluster: std::sync::OnceLock::new(),
             next_page: AtomicU64::new(1),
             upgrades,
+            page_shared,
         }))
     }
 }
@@ -95,41 +99,52 @@ impl Shared {
         self.upgrades.allow(client)
     }
 
-    /// The limits a page's frames are read under (SPEC §5): the page defaults with the
-    /// configured stanza size.
+    /// The limits a page's frames are read under (SPEC §5).
     fn page_limits(&self) -> crate::xmpp::Limits {
-        crate::xmpp::Limits {
-            max_bytes: self.config.limits.stanza_bytes,
-            ..crate::xmpp::Limits::PAGE
-        }
+        self.page_shared.limits
     }
 
     /// What a new page's task needs, whatever its transport (WebSocket or BOSH, SPEC §4/§4b).
-    /// A BOSH page is gone after `ws_dead_peer_timeout` without a request (its `inactivity`), as
-    /// a WebSocket page silent that long is.
     fn page_context(
         &self,
         cookie_user: Option<crate::xmpp::Jid>,
     ) -> crate::page::conn::PageContext {
-        let limits = &self.config.limits;
         crate::page::conn::PageContext {
-            registry: self.registry.clone(),
-            domain: self.config.xmpp_domain.clone().unwrap_or_default(),
-            limits: self.page_limits(),
-            ping_interval: limits.ws_ping_interval,
-            dead_peer_timeout: limits.ws_dead_peer_timeout,
-            handshake_timeout: limits.handshake_timeout,
-            send_rate: limits.page_send_rate,
+            shared: self.page_shared.clone(),
             cookie_user,
-            shutdown: self.shutdown.clone(),
             page: self.next_page_id(),
-            metrics: self.registry.metrics.clone(),
         }
     }
 
     fn next_page_id(&self) -> u64 {
         self.next_page
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// What every page's task shares, whatever its transport (WebSocket or BOSH, SPEC §4/§4b): the
+/// page limits are the defaults with the configured stanza size (SPEC §5). A BOSH page is gone
+/// after `ws_dead_peer_timeout` without a request (its `inactivity`), as a WebSocket page silent
+/// that long is.
+fn page_shared(
+    config: &Config,
+    registry: &Arc<Registry>,
+    shutdown: &CancellationToken,
+) -> crate::page::conn::PageShared {
+    let limits = &config.limits;
+    crate::page::conn::PageShared {
+        registry: registry.clone(),
+        domain: config.xmpp_domain.clone().unwrap_or_default(),
+        limits: crate::xmpp::Limits {
+            max_bytes: limits.stanza_bytes,
+            ..crate::xmpp::Limits::PAGE
+        },
+        ping_interval: limits.ws_ping_interval,
+        dead_peer_timeout: limits.ws_dead_peer_timeout,
+        handshake_timeout: limits.handshake_timeout,
+        send_rate: limits.page_send_rate,
+        shutdown: shutdown.clone(),
+        metrics: registry.metrics.clone(),
     }
 }
 

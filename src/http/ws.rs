@@ -14,9 +14,11 @@ use super::client::{ClientKey, client_addr};
 use crate::page::conn;
 use crate::xmpp::Jid;
 
-/// Initial read buffer of a page's socket; it grows for larger frames. Small, because idle
-/// pages are the common case (BENCHMARKS.md: 8.6 KiB per idle page with 1 KiB, 11.5 with 4).
-const PAGE_READ_BUFFER: usize = 1024;
+/// Read buffer of a page's socket: it grows to hold a larger frame, which is then read this many
+/// bytes per system call. Small, because idle pages are the common case and the buffer is
+/// resident from the first read (BENCHMARKS.md, "Idle pages": 8.6 KiB per idle page with 1 KiB,
+/// 11.5 with 4); pages send few stanzas, most under 512 bytes.
+const PAGE_READ_BUFFER: usize = 256;
 /// Frames are written to the socket once this many bytes are buffered, or at the batch's flush.
 const PAGE_WRITE_BATCH: usize = 8192;
 

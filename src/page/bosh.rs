@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use super::Frame;
 use super::close;
 use super::conn::{self, PageContext, Rate};
 use super::frame::{self, PageInput, Rejection};
-use crate::session::{AttachError, PageOut, SessionHandle};
+use crate::session::{AttachError, PageOut, PageReceiver, SessionHandle};
 use crate::xmpp::{Element, Jid, Limits, ns};
 
 /// Longest a page's request is held, seconds (a page may ask for less).
@@ -385,8 +385,7 @@ enum Phase {
 struct Bound {
     session: SessionHandle,
     jid: Jid,
-    out: mpsc::UnboundedReceiver<PageOut>,
-    queued: Arc<AtomicUsize>,
+    out: PageReceiver,
 }
 
 /// A request processed and waiting for something to answer it with.
@@ -547,7 +546,7 @@ impl VirtualPage {
         let Phase::Bound(b) = &mut self.phase else {
             return;
         };
-        while let Ok(out) = b.out.try_recv() {
+        while let Some(out) = b.out.try_recv() {
             match out {
                 PageOut::Frame(f) => {
                     self.pending.counted += f.len();
@@ -764,13 +763,12 @@ impl VirtualPage {
     /// Attaches to the session; on failure the page ends with the close's condition.
     async fn bind(&mut self, session: SessionHandle) -> Option<Jid> {
         match conn::attach(&session, self.ctx.page).await {
-            Ok((jid, out, queued)) => {
+            Ok((jid, out)) => {
                 tracing::debug!(page = self.ctx.page, "BOSH page bound");
                 self.phase = Phase::Bound(Bound {
                     session,
                     jid: jid.clone(),
                     out,
-                    queued,
                 });
                 Some(jid)
             }
@@ -850,10 +848,7 @@ impl VirtualPage {
         let counted = std::mem::take(&mut self.pending.counted);
         let reply = wrap_body(&Element::new("body", ns::HTTPBIND), &frames);
         if let Phase::Bound(b) = &self.phase {
-            b.queued.fetch_sub(
-                counted.min(b.queued.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+            b.out.written(counted);
         }
         if !frames.is_empty() {
             let metrics = &self.ctx.metrics;
@@ -928,7 +923,7 @@ mod tests {
     }
 
     fn ctx(registry: &Arc<Registry>, page: u64) -> PageContext {
-        PageContext {
+        let shared = conn::PageShared {
             registry: registry.clone(),
             domain: "example.test".into(),
             limits: Limits::PAGE,
@@ -936,10 +931,13 @@ mod tests {
             dead_peer_timeout: Duration::from_secs(75),
             handshake_timeout: Duration::from_secs(10),
             send_rate: 50,
-            cookie_user: None,
             shutdown: tokio_util::sync::CancellationToken::new(),
-            page,
             metrics: registry.metrics.clone(),
+        };
+        PageContext {
+            shared: Arc::new(shared),
+            cookie_user: None,
+            page,
         }
     }
 

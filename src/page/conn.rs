@@ -3,20 +3,21 @@
 //! socket, its slowness is bounded by its own queue.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Frame;
 use super::frame::{self, PageInput, Rejection};
 use crate::metrics::Metrics;
-use crate::session::{AttachError, PageId, PageLink, PageOut, Registry, SessionHandle};
+use crate::session::{
+    AttachError, PageId, PageLink, PageOut, PageReceiver, Registry, SessionHandle, page_queue,
+};
 use crate::xmpp::{self, Element, Jid, Limits, ns, sasl};
 
 use super::close::{GOING_AWAY, LOST, NORMAL, POLICY, RESTARTING, TOO_MANY_PAGES};
@@ -27,8 +28,8 @@ const MOVING_RETRY: Duration = Duration::from_millis(250);
 /// Failed SASL attempts allowed before the stream is closed.
 pub(super) const AUTH_ATTEMPTS: u32 = 3;
 
-/// Everything a page's task needs.
-pub struct PageContext {
+/// What every page's task of this daemon shares (one copy, behind an `Arc`).
+pub struct PageShared {
     /// The sessions and tokens.
     pub registry: Arc<Registry>,
     /// The XMPP domain pages must open their stream to.
@@ -43,14 +44,28 @@ pub struct PageContext {
     pub handshake_timeout: Duration,
     /// Stanzas per second a page may send (burst: twice that).
     pub send_rate: u32,
-    /// The user of a valid `boshmux_token` cookie sent with the upgrade from an allowed origin.
-    pub cookie_user: Option<Jid>,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
-    /// This page's id.
-    pub page: PageId,
     /// Where frames and rejections are counted.
     pub metrics: Arc<Metrics>,
+}
+
+/// Everything a page's task needs: the shared settings (reached through `Deref`) and what is
+/// this page's own.
+pub struct PageContext {
+    /// What all pages share.
+    pub shared: Arc<PageShared>,
+    /// The user of a valid `boshmux_token` cookie sent with the upgrade from an allowed origin.
+    pub cookie_user: Option<Jid>,
+    /// This page's id.
+    pub page: PageId,
+}
+
+impl std::ops::Deref for PageContext {
+    type Target = PageShared;
+    fn deref(&self) -> &PageShared {
+        &self.shared
+    }
 }
 
 /// How a page's connection ends.
@@ -64,24 +79,33 @@ enum Ending {
 }
 
 /// Runs a page's socket to the end.
-pub async fn run(mut ws: WebSocket, ctx: PageContext) {
-    let bound = tokio::select! {
-        r = tokio::time::timeout(ctx.handshake_timeout, handshake(&mut ws, &ctx)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(Ending::StreamError("connection-timeout", "handshake took too long".into())),
-        },
-        () = ctx.shutdown.cancelled() => Err(Ending::Close(RESTARTING, "daemon restarting")),
-    };
-    let ending = match bound {
-        Ok(b) => {
-            let session = b.session.clone();
-            let ending = relay(&mut ws, &ctx, b).await;
-            session.detach(ctx.page).await;
-            ending
-        }
-        Err(e) => e,
-    };
-    finish(&mut ws, ending, ctx.dead_peer_timeout).await;
+///
+/// Not an `async fn`: those copy their arguments into the future a second time, and an idle
+/// page's future is most of what it costs (BENCHMARKS.md, "Idle pages").
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+pub fn run(mut ws: WebSocket, ctx: PageContext) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut bound = tokio::select! {
+            // Boxed, like every await here but the relay's: the task of a page is as large as its
+            // largest await, and a page mostly waits in the relay (BENCHMARKS.md, "Idle pages").
+            r = tokio::time::timeout(ctx.handshake_timeout, Box::pin(handshake(&mut ws, &ctx))) => match r {
+                Ok(r) => r,
+                Err(_) => Err(Ending::StreamError("connection-timeout", "handshake took too long".into())),
+            },
+            () = ctx.shutdown.cancelled() => Err(Ending::Close(RESTARTING, "daemon restarting")),
+        };
+        // By reference: moving the bound page out would keep a second copy in the future.
+        let ending = match &mut bound {
+            Ok(b) => {
+                let ending = relay(&mut ws, &ctx, b).await;
+                Box::pin(b.session.detach(ctx.page)).await;
+                ending
+            }
+            Err(e) => std::mem::replace(e, Ending::Gone),
+        };
+        drop(bound);
+        Box::pin(finish(&mut ws, ending, ctx.dead_peer_timeout)).await;
+    }
 }
 
 /// Serves a cluster peer's link for one of its pages (SPEC §12) on `session`, which this node
@@ -90,15 +114,14 @@ pub async fn run(mut ws: WebSocket, ctx: PageContext) {
 /// replay, carbons). It ends with a bare close frame; the peer's page adds its own `<close/>`.
 pub async fn run_relayed(mut ws: WebSocket, ctx: PageContext, session: SessionHandle) {
     let ending = match attach(&session, ctx.page).await {
-        Ok((jid, out, queued)) => {
+        Ok((jid, out)) => {
             if send_text(&mut ws, jid.to_string()).await.is_ok() {
-                let b = Bound {
+                let mut b = Bound {
                     session: session.clone(),
                     jid,
                     out,
-                    queued,
                 };
-                let ending = relay(&mut ws, &ctx, b).await;
+                let ending = relay(&mut ws, &ctx, &mut b).await;
                 session.detach(ctx.page).await;
                 ending
             } else {
@@ -151,8 +174,7 @@ async fn finish(ws: &mut WebSocket, ending: Ending, limit: Duration) {
 struct Bound {
     session: SessionHandle,
     jid: Jid,
-    out: mpsc::UnboundedReceiver<PageOut>,
-    queued: Arc<AtomicUsize>,
+    out: PageReceiver,
 }
 
 /// The next text frame; pings and pongs are skipped, anything else ends the page.
@@ -271,7 +293,7 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
     // The requested resource is ignored: every page shares the session's one full JID.
     let mut session = session;
     let waiting_since = Instant::now();
-    let (jid, out, queued) = loop {
+    let (jid, out) = loop {
         match attach(&session, ctx.page).await {
             Ok(bound) => break bound,
             Err(AttachError::TooManyPages) => {
@@ -305,29 +327,18 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
         session.detach(ctx.page).await;
         return Err(Ending::Gone);
     }
-    Ok(Bound {
-        session,
-        jid,
-        out,
-        queued,
-    })
+    Ok(Bound { session, jid, out })
 }
 
 /// Attaches page `page` to `session` (SPEC §4, §6): the session's full JID, the page's queue and
-/// the byte counter of what is queued there. Shared by WebSocket and BOSH pages.
+/// Shared by WebSocket and BOSH pages.
 pub(super) async fn attach(
     session: &SessionHandle,
     page: PageId,
-) -> Result<(Jid, mpsc::UnboundedReceiver<PageOut>, Arc<AtomicUsize>), AttachError> {
-    let (tx, out) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let link = PageLink {
-        id: page,
-        tx,
-        queued: queued.clone(),
-    };
-    let jid = session.attach(link).await?;
-    Ok((jid, out, queued))
+) -> Result<(Jid, PageReceiver), AttachError> {
+    let (tx, out) = page_queue();
+    let jid = session.attach(PageLink { id: page, tx }).await?;
+    Ok((jid, out))
 }
 
 /// The answer to a page's bind request: the session's one full JID, from memory.
@@ -444,74 +455,64 @@ impl Rate {
     }
 }
 
-async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
+/// What woke a page's relay.
+enum Wake {
+    Socket(Option<Result<Message, axum::Error>>),
+    Session(Option<PageOut>),
+    Ping,
+    Shutdown,
+}
+
+async fn relay(ws: &mut WebSocket, ctx: &PageContext, b: &mut Bound) -> Ending {
     let mut ping = tokio::time::interval(ctx.ping_interval);
     ping.tick().await;
     let mut heard = Instant::now();
     let mut rate = Rate::new(ctx.send_rate);
     loop {
-        tokio::select! {
-            incoming = ws.recv() => {
+        // The select only says what woke the page; the work is done after it, so the state of
+        // a waiting page holds the four waits and not also the futures of their handlers
+        // (select! keeps its futures alive while a handler runs).
+        let wake = tokio::select! {
+            incoming = ws.recv() => Wake::Socket(incoming),
+            out = b.out.recv() => Wake::Session(out),
+            _ = ping.tick() => Wake::Ping,
+            () = ctx.shutdown.cancelled() => Wake::Shutdown,
+        };
+        match wake {
+            Wake::Socket(incoming) => {
                 heard = Instant::now();
-                let text = match incoming {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Binary(_))) => {
-                        return Ending::StreamError("unsupported-encoding", "binary frames are not XMPP".into());
-                    }
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => return Ending::Gone,
-                };
-                let reply = match frame::read(&text, &ctx.limits, &b.jid) {
-                    Ok(PageInput::Close) => return Ending::Close(NORMAL, "closed by the page"),
-                    Ok(PageInput::Stanza(stanza)) => {
-                        if let Some(reply) = local_answer(&stanza, &b.jid) {
-                            Some(reply)
-                        } else if !rate.allow() {
-                            match frame::stanza_error(&stanza, "wait", "resource-constraint", "sending too fast") {
-                                Rejection::Stanza(r) => Some(r),
-                                _ => None,
-                            }
-                        } else {
-                            if !b.session.from_page(ctx.page, stanza).await {
-                                return Ending::Close(LOST, "session ended");
-                            }
-                            None
-                        }
-                    }
-                    Err(Rejection::Stanza(reply)) => Some(reply),
-                    Err(Rejection::Drop) => None,
-                    Err(Rejection::Stream { condition, text }) => {
-                        ctx.metrics.rejected_frames.fetch_add(1, Ordering::Relaxed);
-                        return Ending::StreamError(condition, text);
-                    }
-                };
-                if let Some(reply) = reply
-                    && send_text(ws, reply.to_xml()).await.is_err()
+                // Boxed like the other work below: a page mostly waits, and its task is as large
+                // as its largest await.
+                if let Some(ending) = Box::pin(from_socket(ws, ctx, b, &mut rate, incoming)).await {
+                    return ending;
+                }
+            }
+            Wake::Session(Some(PageOut::Frame(f))) => {
+                // Boxed (one allocation per batch, next to a write system call): the write's
+                // state would otherwise be part of every idle page.
+                if let Some(ending) = Box::pin(write_batch(ws, ctx, b, f)).await {
+                    return ending;
+                }
+            }
+            Wake::Session(Some(PageOut::Close(code, reason))) => {
+                return Ending::Close(code, reason);
+            }
+            Wake::Session(None) => return Ending::Close(LOST, "session ended"),
+            Wake::Ping => {
+                if heard.elapsed() > ctx.dead_peer_timeout {
+                    return Ending::Close(GOING_AWAY, "no answer to pings");
+                }
+                if Box::pin(ws.send(Message::Ping(Default::default())))
+                    .await
+                    .is_err()
                 {
                     return Ending::Gone;
                 }
             }
-            out = b.out.recv() => match out {
-                Some(PageOut::Frame(f)) => {
-                    if let Some(ending) = write_batch(ws, ctx, &mut b, f).await {
-                        return ending;
-                    }
-                }
-                Some(PageOut::Close(code, reason)) => return Ending::Close(code, reason),
-                None => return Ending::Close(LOST, "session ended"),
-            },
-            _ = ping.tick() => {
-                if heard.elapsed() > ctx.dead_peer_timeout {
-                    return Ending::Close(GOING_AWAY, "no answer to pings");
-                }
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
-                    return Ending::Gone;
-                }
-            }
-            () = ctx.shutdown.cancelled() => {
+            Wake::Shutdown => {
                 // A close the session already decided on (4004 when nothing survives the stop)
                 // wins over the generic restart; select! may see both ready at once.
-                while let Ok(out) = b.out.try_recv() {
+                while let Some(out) = b.out.try_recv() {
                     if let PageOut::Close(code, reason) = out {
                         return Ending::Close(code, reason);
                     }
@@ -520,6 +521,63 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, mut b: Bound) -> Ending {
             }
         }
     }
+}
+
+/// Handles what the page's socket gave: a stanza goes to the session (or is answered here), a
+/// `<close/>` or a fault ends the page (`Some`).
+async fn from_socket(
+    ws: &mut WebSocket,
+    ctx: &PageContext,
+    b: &mut Bound,
+    rate: &mut Rate,
+    incoming: Option<Result<Message, axum::Error>>,
+) -> Option<Ending> {
+    let text = match incoming {
+        Some(Ok(Message::Text(t))) => t,
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return None,
+        Some(Ok(Message::Binary(_))) => {
+            return Some(Ending::StreamError(
+                "unsupported-encoding",
+                "binary frames are not XMPP".into(),
+            ));
+        }
+        Some(Ok(Message::Close(_)) | Err(_)) | None => return Some(Ending::Gone),
+    };
+    let reply = match frame::read(&text, &ctx.limits, &b.jid) {
+        Ok(PageInput::Close) => return Some(Ending::Close(NORMAL, "closed by the page")),
+        Ok(PageInput::Stanza(stanza)) => {
+            if let Some(reply) = local_answer(&stanza, &b.jid) {
+                Some(reply)
+            } else if !rate.allow() {
+                match frame::stanza_error(
+                    &stanza,
+                    "wait",
+                    "resource-constraint",
+                    "sending too fast",
+                ) {
+                    Rejection::Stanza(r) => Some(r),
+                    _ => None,
+                }
+            } else {
+                if !b.session.from_page(ctx.page, stanza).await {
+                    return Some(Ending::Close(LOST, "session ended"));
+                }
+                None
+            }
+        }
+        Err(Rejection::Stanza(reply)) => Some(reply),
+        Err(Rejection::Drop) => None,
+        Err(Rejection::Stream { condition, text }) => {
+            ctx.metrics.rejected_frames.fetch_add(1, Ordering::Relaxed);
+            return Some(Ending::StreamError(condition, text));
+        }
+    };
+    if let Some(reply) = reply
+        && send_text(ws, reply.to_xml()).await.is_err()
+    {
+        return Some(Ending::Gone);
+    }
+    None
 }
 
 /// Frames written to a page before one flush, at most.
@@ -548,15 +606,15 @@ async fn write_batch(
                 break;
             }
             match b.out.try_recv() {
-                Ok(PageOut::Frame(f)) => next = Some(f),
-                Ok(PageOut::Close(code, reason)) => ending = Some(Ending::Close(code, reason)),
-                Err(_) => {}
+                Some(PageOut::Frame(f)) => next = Some(f),
+                Some(PageOut::Close(code, reason)) => ending = Some(Ending::Close(code, reason)),
+                None => {}
             }
         }
         ws.flush().await
     })
     .await;
-    b.queued.fetch_sub(bytes, Ordering::Relaxed);
+    b.out.written(bytes);
     if !matches!(written, Ok(Ok(()))) {
         return Some(Ending::Gone);
     }

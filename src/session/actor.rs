@@ -20,7 +20,7 @@ use super::mux::{Effect, Mux, PageId};
 use super::persist::{self, Caches};
 use super::relogin::ReloginError;
 use super::{
-    AttachError, Command, LoginFailure, PageLink, PageOut, Readiness, SessionHandle, SessionInfo,
+    AttachError, Command, LoginFailure, PageLink, Readiness, Refused, SessionHandle, SessionInfo,
 };
 use crate::bosh::{BoshError, BoshEvent, BoshSession, Credentials, SessionMeta};
 use crate::page::Frame;
@@ -671,7 +671,7 @@ impl Actor {
 
     fn close_pages(&mut self, code: u16, reason: &'static str) {
         for (_, link) in self.pages.drain() {
-            let _ = link.tx.send(PageOut::Close(code, reason));
+            link.tx.close(code, reason);
         }
     }
 
@@ -730,9 +730,7 @@ impl Actor {
         }
         for page in slow {
             if let Some(link) = self.pages.get(&page) {
-                let _ = link
-                    .tx
-                    .send(PageOut::Close(CLOSE_SLOW, "page too slow to read"));
+                link.tx.close(CLOSE_SLOW, "page too slow to read");
             }
             self.info.lock().slow_pages += 1;
             self.deps
@@ -748,17 +746,11 @@ impl Actor {
         let Some(link) = self.pages.get(&page) else {
             return;
         };
-        let len = frame.len();
-        let queued = link.queued.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.deps.settings.page_queue_bytes {
-            link.queued.fetch_sub(len, Ordering::Relaxed);
-            if !slow.contains(&page) {
-                slow.push(page);
-            }
-            return;
-        }
-        if link.tx.send(PageOut::Frame(frame)).is_err() {
-            link.queued.fetch_sub(len, Ordering::Relaxed);
+        // A page whose task is gone is detached by its task; nothing to do here.
+        if link.tx.frame(frame, self.deps.settings.page_queue_bytes) == Err(Refused::Full)
+            && !slow.contains(&page)
+        {
+            slow.push(page);
         }
     }
 

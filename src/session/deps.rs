@@ -85,9 +85,13 @@ impl SessionTable {
         if let Some(h) = map.get(bare).filter(|h| !h.is_closed()) {
             return Ok((h.clone(), false));
         }
-        map.retain(|_, h| !h.is_closed());
+        // Ended sessions normally remove themselves; the sweep for any left behind runs only at
+        // the limit, so a login costs O(1) rather than a pass over every session.
         if map.len() >= max {
-            return Err(());
+            map.retain(|_, h| !h.is_closed());
+            if map.len() >= max {
+                return Err(());
+            }
         }
         let handle = start();
         map.insert(bare.clone(), handle.clone());

@@ -9,6 +9,7 @@ pub mod deps;
 pub mod effect;
 pub mod iq;
 pub mod mux;
+pub mod page_queue;
 pub mod persist;
 pub mod presence;
 pub mod registry;
@@ -18,37 +19,25 @@ pub mod roster;
 pub mod tokens;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use effect::PageId;
+pub use page_queue::{PageOut, PageReceiver, PageSender, Refused, page_queue};
 pub use registry::{Registry, RegistryError};
 
-use crate::page::Frame;
 use crate::xmpp::{Element, Jid};
 
-/// What the actor sends a page's task.
-#[derive(Debug)]
-pub enum PageOut {
-    /// A text frame to write.
-    Frame(Frame),
-    /// Close the socket with this code and reason.
-    Close(u16, &'static str),
-}
-
-/// The actor's end of a page: where to write, and how much is queued there.
+/// The actor's end of a page.
 #[derive(Debug)]
 pub struct PageLink {
     /// The page.
     pub id: PageId,
-    /// Frames for the page's task. Unbounded on purpose: the bound is `queued`, in bytes,
-    /// checked by the actor, which closes a page that falls behind instead of waiting for it.
-    pub tx: mpsc::UnboundedSender<PageOut>,
-    /// Bytes handed to the page's task and not yet written to its socket.
-    pub queued: Arc<AtomicUsize>,
+    /// The page's queue. Unbounded in items on purpose: the bound is in bytes, checked when a
+    /// frame is queued, and a page that falls behind is closed instead of waited for.
+    pub tx: PageSender,
 }
 
 /// Why a page could not attach.
