@@ -82,7 +82,10 @@ enum Ending {
 ///
 /// Not an `async fn`: those copy their arguments into the future a second time, and an idle
 /// page's future is most of what it costs (BENCHMARKS.md, "Idle pages").
-#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
 pub fn run(mut ws: WebSocket, ctx: PageContext) -> impl Future<Output = ()> + Send {
     async move {
         let mut bound = tokio::select! {
@@ -455,6 +458,9 @@ impl Rate {
     }
 }
 
+/// Batches written in a row before a page's relay looks at its socket, ping and shutdown first.
+const FAIR_EVERY: u32 = 16;
+
 /// What woke a page's relay.
 enum Wake {
     Socket(Option<Result<Message, axum::Error>>),
@@ -468,15 +474,40 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, b: &mut Bound) -> Ending {
     ping.tick().await;
     let mut heard = Instant::now();
     let mut rate = Rate::new(ctx.send_rate);
+    // Made once: every page waits on the one daemon-wide token, and a wait made anew at each
+    // wake-up would lock its waiter list twice per frame.
+    let mut shutdown = std::pin::pin!(ctx.shutdown.cancelled());
+    let mut batches_in_a_row = 0;
     loop {
         // The select only says what woke the page; the work is done after it, so the state of
         // a waiting page holds the four waits and not also the futures of their handlers
         // (select! keeps its futures alive while a handler runs).
-        let wake = tokio::select! {
-            incoming = ws.recv() => Wake::Socket(incoming),
-            out = b.out.recv() => Wake::Session(out),
-            _ = ping.tick() => Wake::Ping,
-            () = ctx.shutdown.cancelled() => Wake::Shutdown,
+        //
+        // Biased, the session's frames first: a page is mostly woken for a frame, and then the
+        // other three are not polled at all (the socket's read path, the ping's timer). So that
+        // a page under a steady stream of frames is still heard, every FAIR_EVERY-th wait looks
+        // at the rest first.
+        let frames_first = batches_in_a_row < FAIR_EVERY;
+        let wake = if frames_first {
+            tokio::select! {
+                biased;
+                out = b.out.recv() => Wake::Session(out),
+                incoming = ws.recv() => Wake::Socket(incoming),
+                () = &mut shutdown => Wake::Shutdown,
+                _ = ping.tick() => Wake::Ping,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                incoming = ws.recv() => Wake::Socket(incoming),
+                () = &mut shutdown => Wake::Shutdown,
+                _ = ping.tick() => Wake::Ping,
+                out = b.out.recv() => Wake::Session(out),
+            }
+        };
+        batches_in_a_row = match wake {
+            Wake::Session(_) if frames_first => batches_in_a_row + 1,
+            _ => 0,
         };
         match wake {
             Wake::Socket(incoming) => {
@@ -601,7 +632,7 @@ async fn write_batch(
         while let Some(f) = next.take() {
             bytes += f.len();
             made.push(f.made_at());
-            ws.feed(Message::Text(f.into_inner())).await?;
+            ws.feed(Message::Text(f.text())).await?;
             if made.len() >= BATCH {
                 break;
             }

@@ -3,8 +3,9 @@
 //!
 //! Why not a tokio channel: an idle page is the common case, and an unbounded channel allocates
 //! its first block of 32 slots (~1.7 KiB here) when it is made and keeps it. This queue holds
-//! nothing while it is empty, and it keeps the byte count under the same lock as the frames, so
-//! "queued bytes" can never disagree with the queue. One consumer, so one waker.
+//! nothing until a frame comes and at most a few slots once drained, and it keeps the byte count
+//! under the same lock as the frames, so "queued bytes" can never disagree with the queue. One
+//! consumer, so one waker.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub enum Refused {
     /// The frame would take the page's queue past its byte limit: the page is too slow.
     Full,
 }
+
+/// Slots a drained queue keeps (16 bytes each).
+const KEEP: usize = 4;
 
 #[derive(Debug, Default)]
 struct State {
@@ -147,9 +151,10 @@ impl PageReceiver {
         let mut st = self.0.state.lock();
         match st.items.pop_front() {
             Some(out) => {
-                // Drained: give the memory back, so a page between bursts holds none (the next
-                // frame's allocation is small next to the write system call it comes with).
-                if st.items.is_empty() {
+                // Drained after a burst: give its memory back. A few slots stay, so a page
+                // getting one frame at a time does not allocate per frame (one stanza to a
+                // thousand pages would be a thousand allocations in a row).
+                if st.items.is_empty() && st.items.capacity() > KEEP {
                     st.items = VecDeque::new();
                 }
                 Taken::Item(out)
@@ -238,12 +243,15 @@ mod tests {
     }
 
     #[test]
-    fn a_drained_queue_holds_no_memory() {
+    fn a_drained_burst_gives_its_memory_back() {
         let (tx, mut rx) = page_queue();
         for _ in 0..100 {
             tx.frame(frame("<x/>"), usize::MAX).unwrap();
         }
         while rx.try_recv().is_some() {}
         assert_eq!(rx.0.state.lock().items.capacity(), 0);
+        tx.frame(frame("<one/>"), usize::MAX).unwrap();
+        rx.try_recv().unwrap();
+        assert!(rx.0.state.lock().items.capacity() <= KEEP);
     }
 }
