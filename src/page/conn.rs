@@ -333,7 +333,7 @@ async fn handshake(ws: &mut WebSocket, ctx: &PageContext) -> Result<Bound, Endin
     Ok(Bound { session, jid, out })
 }
 
-/// Attaches page `page` to `session` (SPEC §4, §6): the session's full JID, the page's queue and
+/// Attaches page `page` to `session` (SPEC §4, §6): the session's full JID and the page's queue.
 /// Shared by WebSocket and BOSH pages.
 pub(super) async fn attach(
     session: &SessionHandle,
