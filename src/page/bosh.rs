@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::Frame;
 use super::close;
-use super::conn::{self, PageContext, Rate};
+use super::conn::{self, BeforeSession, PageContext, Rate};
 use super::frame::{self, PageInput, Rejection};
 use crate::session::{AttachError, PageOut, PageReceiver, SessionHandle};
 use crate::xmpp::{Element, Jid, Limits, ns};
@@ -722,25 +722,17 @@ impl VirtualPage {
                         return self.end_with(terminate_reply(None, None), true).await;
                     }
                     Ok(PageInput::Stanza(stanza)) => {
-                        if let Some(reply) = conn::local_answer(&stanza, &jid) {
-                            Some(reply)
-                        } else if !self.rate.allow() {
-                            match frame::stanza_error(
-                                &stanza,
-                                "wait",
-                                "resource-constraint",
-                                "sending too fast",
-                            ) {
-                                Rejection::Stanza(r) => Some(r),
-                                _ => None,
+                        match conn::before_session(stanza, &jid, &mut self.rate) {
+                            BeforeSession::Answer(reply) => Some(reply),
+                            BeforeSession::Dropped => None,
+                            BeforeSession::PassOn(stanza) => {
+                                let session = b.session.clone();
+                                if !session.from_page(self.ctx.page, stanza).await {
+                                    let end = close_condition(close::LOST, "session ended");
+                                    return self.end_with(end, false).await;
+                                }
+                                None
                             }
-                        } else {
-                            let session = b.session.clone();
-                            if !session.from_page(self.ctx.page, stanza).await {
-                                let end = close_condition(close::LOST, "session ended");
-                                return self.end_with(end, false).await;
-                            }
-                            None
                         }
                     }
                     Err(Rejection::Stanza(reply)) => Some(reply),

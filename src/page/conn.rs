@@ -576,26 +576,16 @@ async fn from_socket(
     };
     let reply = match frame::read(&text, &ctx.limits, &b.jid) {
         Ok(PageInput::Close) => return Some(Ending::Close(NORMAL, "closed by the page")),
-        Ok(PageInput::Stanza(stanza)) => {
-            if let Some(reply) = local_answer(&stanza, &b.jid) {
-                Some(reply)
-            } else if !rate.allow() {
-                match frame::stanza_error(
-                    &stanza,
-                    "wait",
-                    "resource-constraint",
-                    "sending too fast",
-                ) {
-                    Rejection::Stanza(r) => Some(r),
-                    _ => None,
-                }
-            } else {
+        Ok(PageInput::Stanza(stanza)) => match before_session(stanza, &b.jid, rate) {
+            BeforeSession::Answer(reply) => Some(reply),
+            BeforeSession::Dropped => None,
+            BeforeSession::PassOn(stanza) => {
                 if !b.session.from_page(ctx.page, stanza).await {
                     return Some(Ending::Close(LOST, "session ended"));
                 }
                 None
             }
-        }
+        },
         Err(Rejection::Stanza(reply)) => Some(reply),
         Err(Rejection::Drop) => None,
         Err(Rejection::Stream { condition, text }) => {
@@ -656,6 +646,32 @@ async fn write_batch(
         ctx.metrics.fanout_latency.observe(at.elapsed());
     }
     ending
+}
+
+/// What becomes of a checked stanza from a page before the session sees it.
+pub(super) enum BeforeSession {
+    /// Answered without the session: the legacy session request, or an error for sending too
+    /// fast.
+    Answer(Element),
+    /// Over the page's send rate and itself an error: dropped without an answer.
+    Dropped,
+    /// For the session.
+    PassOn(Element),
+}
+
+/// Answers what a page's own stream answers and applies the page's send rate (SPEC §9), the
+/// same for WebSocket and BOSH pages.
+pub(super) fn before_session(stanza: Element, jid: &Jid, rate: &mut Rate) -> BeforeSession {
+    if let Some(reply) = local_answer(&stanza, jid) {
+        return BeforeSession::Answer(reply);
+    }
+    if rate.allow() {
+        return BeforeSession::PassOn(stanza);
+    }
+    match frame::stanza_error(&stanza, "wait", "resource-constraint", "sending too fast") {
+        Rejection::Stanza(reply) => BeforeSession::Answer(reply),
+        _ => BeforeSession::Dropped,
+    }
 }
 
 /// Requests a page's own stream answers, without the session: the legacy session request.
