@@ -471,6 +471,8 @@ enum Wake {
 
 async fn relay(ws: &mut WebSocket, ctx: &PageContext, b: &mut Bound) -> Ending {
     let mut ping = tokio::time::interval(ctx.ping_interval);
+    // Ticks missed while the page was busy are not made up in a burst of pings.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut heard = Instant::now();
     let mut rate = Rate::new(ctx.send_rate);
@@ -488,7 +490,11 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, b: &mut Bound) -> Ending {
         // a page under a steady stream of frames is still heard, every FAIR_EVERY-th wait looks
         // at the rest first.
         let frames_first = batches_in_a_row < FAIR_EVERY;
-        let wake = if frames_first {
+        // A page kept busy by its socket or its queue may never reach the shutdown branch
+        // below; the token itself is one atomic load.
+        let wake = if ctx.shutdown.is_cancelled() {
+            Wake::Shutdown
+        } else if frames_first {
             tokio::select! {
                 biased;
                 out = b.out.recv() => Wake::Session(out),
