@@ -547,11 +547,17 @@ async fn relay(ws: &mut WebSocket, ctx: &PageContext, b: &mut Bound) -> Ending {
                 }
             }
             Wake::Shutdown => {
-                // A close the session already decided on (4004 when nothing survives the stop)
-                // wins over the generic restart; select! may see both ready at once.
+                // What the session queued before the stop still goes out, in order, then the
+                // close it decided on (1012, or 4004 when nothing survives the stop), else the
+                // generic restart: the stop may be seen before the queue.
                 while let Some(out) = b.out.try_recv() {
-                    if let PageOut::Close(code, reason) = out {
-                        return Ending::Close(code, reason);
+                    match out {
+                        PageOut::Frame(f) => {
+                            if let Some(ending) = Box::pin(write_batch(ws, ctx, b, f)).await {
+                                return ending;
+                            }
+                        }
+                        PageOut::Close(code, reason) => return Ending::Close(code, reason),
                     }
                 }
                 return Ending::Close(RESTARTING, "daemon restarting");
