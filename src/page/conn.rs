@@ -687,7 +687,7 @@ pub(super) fn before_session(stanza: Element, jid: &Jid, rate: &mut Rate) -> Bef
 }
 
 /// Requests a page's own stream answers, without the session: the legacy session request.
-pub(super) fn local_answer(stanza: &Element, jid: &Jid) -> Option<Element> {
+fn local_answer(stanza: &Element, jid: &Jid) -> Option<Element> {
     let is_session = stanza.is("iq", ns::CLIENT)
         && stanza.attr("type") == Some("set")
         && stanza.child("session", ns::SESSION).is_some();
